@@ -1,0 +1,5 @@
+import sys
+
+from blockstate.cli.main import main
+
+sys.exit(main())

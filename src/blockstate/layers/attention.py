@@ -1,0 +1,138 @@
+"""Block attention: every block of W tokens at once, as one batch of (batch * blocks) SDPA problems.
+
+``BlockAttention`` is the attention half of a Block Transformer layer (spec section 5): bias-free projections,
+causal self-attention inside each block (RoPE positions inside the block), optionally the previous block's
+keys/values (BRecT's sliding W x 2W tile: each token sees the previous W tokens), and optionally a second query
+cross-attending to *context states*. Self and cross outputs are concatenated over heads and projected once.
+
+Context states come in two layouts (``context=``):
+- ``"aligned"`` (BST SH/MH): one state per position, (B, L, D), or one per position and head, (B, L, H, D) with
+  ``context_per_head=True`` (MH: head h reads filter h through its own projection, the "lift" to heads). Token i
+  sees states at positions <= i of its own block: the same causal W x W mask as self-attention, so without the
+  previous-block option both run as one SDPA call over 2H heads.
+- ``"states"`` (BST MF): S states per block, (B, nb, S, D), all strictly before the block, so no mask.
+
+SDPA runs on 4-D (B * nb, heads, W, head_dim) tensors: on CPU that is much faster than 5-D views.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import transformers.initialization as init
+from torch import nn
+
+from blockstate.layers.common import RMSNorm, apply_rope, from_blocks, num_blocks, rope_cos_sin, to_blocks
+
+CONTEXT_LAYOUTS = (None, "aligned", "states")
+
+
+def previous_block_mask(nb: int, block_size: int, device=None) -> torch.Tensor:
+    """(nb, 1, W, 2W) bool: query i of a block sees key j of [previous block; this block] iff it lies in the
+    last W positions up to and including i (i < j <= W + i); block 0 has no previous block."""
+    i = torch.arange(block_size, device=device)[:, None]
+    j = torch.arange(2 * block_size, device=device)[None, :]
+    window = (j > i) & (j <= block_size + i)
+    mask = window.expand(nb, block_size, 2 * block_size).clone()
+    mask[0, :, :block_size] = False
+    return mask.unsqueeze(1)
+
+
+class BlockAttention(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        block_size: int,
+        *,
+        context: str | None = None,
+        context_per_head: bool = False,
+        attend_previous_block: bool = False,
+        rope: bool = True,
+        rope_theta: float = 10000.0,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        if context not in CONTEXT_LAYOUTS:
+            raise ValueError(f"context must be one of {list(CONTEXT_LAYOUTS)}, got {context!r}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.block_size = block_size
+        self.context, self.context_per_head = context, context_per_head
+        self.attend_previous_block = attend_previous_block
+        self.rope, self.rope_theta = rope, rope_theta
+        self.attention_dropout = attention_dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        if context is not None:
+            self.q_cross = nn.Linear(dim, dim, bias=False)
+            self.context_norm = RMSNorm(dim, eps)
+            if context_per_head:  # head h: its own D -> (k, v) projection of its own context vector
+                self.kv_cross_heads = nn.Parameter(torch.empty(num_heads, dim, 2 * self.head_dim))
+            else:
+                self.kv_cross = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim * (2 if context else 1), dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    @torch.no_grad()
+    def init_parameters(self, std: float) -> None:
+        if self.context_per_head:
+            init.normal_(self.kv_cross_heads, 0.0, std)
+
+    # -- shapes ---------------------------------------------------------------------------------------------
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, H, d) -> (B * nb, H, W, d)."""
+        x = to_blocks(x, self.block_size)
+        return x.flatten(0, 1).transpose(1, 2)
+
+    def _sdpa(self, q, k, v, mask=None, causal=False) -> torch.Tensor:
+        p = self.attention_dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+
+    def context_keys_values(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the context states, laid out like the states: (..., H, d) each."""
+        ctx = self.context_norm(ctx)
+        if self.context_per_head:  # ctx (B, L, H, D)
+            kv = torch.einsum("blhd,hde->blhe", ctx, self.kv_cross_heads.to(ctx.dtype))
+        else:
+            kv = self.kv_cross(ctx).unflatten(-1, (self.num_heads, 2 * self.head_dim))
+        return kv.chunk(2, dim=-1)
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """h: normed input (B, L, D); context: states in this module's layout. Returns (B, L, D)."""
+        bsz, length, _ = h.shape
+        w, nb = self.block_size, num_blocks(length, self.block_size)
+        q, k, v = (self._heads(t) for t in self.qkv(h).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2))
+        if self.rope:
+            cos, sin = rope_cos_sin(torch.arange(w, device=h.device), self.head_dim, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if self.attend_previous_block:
+            k_prev = torch.roll(k.unflatten(0, (bsz, nb)), 1, dims=1).flatten(0, 1)  # block 0 masked below
+            v_prev = torch.roll(v.unflatten(0, (bsz, nb)), 1, dims=1).flatten(0, 1)
+            mask = previous_block_mask(nb, w, h.device).repeat(bsz, 1, 1, 1)
+            keys, values = torch.cat([k_prev, k], dim=2), torch.cat([v_prev, v], dim=2)
+            out = self._sdpa(q, keys, values, mask=mask)
+        else:
+            out = None
+
+        if self.context is None:
+            if out is None:
+                out = self._sdpa(q, k, v, causal=True)
+        elif self.context == "aligned":
+            q2 = self._heads(self.q_cross(h).unflatten(-1, (self.num_heads, self.head_dim)))
+            kc, vc = (self._heads(t) for t in self.context_keys_values(context))
+            if out is None:  # same causal mask: one call over 2H heads
+                out = self._sdpa(torch.cat([q, q2], 1), torch.cat([k, kc], 1), torch.cat([v, vc], 1), causal=True)
+            else:
+                out = torch.cat([out, self._sdpa(q2, kc, vc, causal=True)], dim=1)
+        else:  # "states": (B, nb, S, D), no mask
+            q2 = self._heads(self.q_cross(h).unflatten(-1, (self.num_heads, self.head_dim)))
+            kc, vc = (t.flatten(0, 1).transpose(1, 2) for t in self.context_keys_values(context))
+            if out is None:
+                out = self._sdpa(q, k, v, causal=True)
+            out = torch.cat([out, self._sdpa(q2, kc.to(q2.dtype), vc.to(q2.dtype))], dim=1)
+
+        out = out.transpose(1, 2).flatten(2).unflatten(0, (bsz, nb))  # (B, nb, W, heads * d)
+        return self.dropout(self.out(from_blocks(out, length)))

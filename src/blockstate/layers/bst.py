@@ -1,0 +1,112 @@
+"""The Block-State Transformer layer and the plain Block Transformer layer between BST layers.
+
+BST layer (spec section 2), for x (B, L, D):
+
+    u   = norm(x)
+    y   = SSM(u)                        (B, D, C, L), C = 1 (SH), H (MH), S (MF) filters per channel
+    ctx = ContextStates(y)              variant specific (spec section 3)
+    x   = x + Proj(concat(SelfAttn_block(u), CrossAttn_block(u, ctx)))     all blocks at once
+    x   = x + FFN(norm(x))
+
+The SSM output only feeds the context states; it is not added to the residual stream.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers.initialization as init
+from torch import nn
+
+from blockstate.layers.attention import BlockAttention
+from blockstate.layers.common import FeedForward, RMSNorm, num_blocks
+from blockstate.layers.ssm import LongConvSSM, make_kernel
+
+VARIANTS = ("sh", "mh", "mf")
+
+
+class ContextStates(nn.Module):
+    """SSM over the whole segment, then the variant's context states.
+
+    - ``sh``: (B, L, D), the single filter's output at every position (aligned with the tokens);
+    - ``mh``: (B, L, H, D), filter h's output feeds head h;
+    - ``mf``: (B, nb, S, D), the S filters' outputs at the last position of block k-1 for block k (shifted along the
+      block axis), a learned initial context for block 0, plus learned context IDs (the S states have no order).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        if config.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {list(VARIANTS)}, got {config.variant!r}")
+        self.variant, self.block_size = config.variant, config.block_size
+        dim = config.hidden_size
+        filters = {"sh": 1, "mh": config.num_attention_heads, "mf": config.num_context_states}[config.variant]
+        kernel = make_kernel(
+            config.kernel, dim, filters, state_size=config.ssm_state_size, s4d_init=config.s4d_init,
+            dt_min=config.ssm_dt_min, dt_max=config.ssm_dt_max, max_train_length=config.max_train_length,
+            filter_hidden=config.filter_hidden_size, filter_bands=config.filter_num_bands,
+        )
+        self.ssm = LongConvSSM(dim, filters, kernel)
+        if self.variant == "mf":
+            self.initial_context = nn.Parameter(torch.empty(filters, dim))
+            self.context_ids = nn.Parameter(torch.empty(filters, dim))
+
+    @torch.no_grad()
+    def init_parameters(self, std: float) -> None:
+        if self.variant == "mf":
+            init.normal_(self.initial_context, 0.0, 1.0)  # comparable to the SSM outputs it stands in for
+            init.normal_(self.context_ids, 0.0, std)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        y = self.ssm(u)  # (B, D, C, L), fp32
+        if self.variant == "sh":
+            return y[:, :, 0].transpose(1, 2)
+        if self.variant == "mh":
+            return y.permute(0, 3, 2, 1)
+        return self.block_summaries(y)
+
+    def block_summaries(self, y: torch.Tensor) -> torch.Tensor:
+        """MF: (B, D, S, L) -> (B, nb, S, D). Block k gets the outputs at position k*W - 1; block 0 the learned
+        initial context. Only complete blocks before the last one are summarised, so padding never leaks in."""
+        bsz, length = y.shape[0], y.shape[-1]
+        nb = num_blocks(length, self.block_size)
+        ends = y[..., self.block_size - 1 :: self.block_size][..., : nb - 1]  # (B, D, S, nb-1)
+        first = self.initial_context.float().expand(bsz, 1, -1, -1)
+        states = torch.cat([first, ends.permute(0, 3, 2, 1)], dim=1)
+        return states + self.context_ids.float()
+
+
+class BlockTransformerLayer(nn.Module):
+    """Pre-norm block-local self-attention + FFN: the layers between BST layers (no SSM, no cross-attention)."""
+
+    def __init__(self, config, context: str | None = None, context_per_head: bool = False):
+        super().__init__()
+        dim = config.hidden_size
+        self.norm = RMSNorm(dim, config.rms_norm_eps)
+        self.attention = BlockAttention(
+            dim, config.num_attention_heads, config.block_size, context=context,
+            context_per_head=context_per_head, attend_previous_block=config.attend_previous_block,
+            rope=config.position_encoding == "rope", rope_theta=config.rope_theta,
+            dropout=config.hidden_dropout, attention_dropout=config.attention_dropout, eps=config.rms_norm_eps,
+        )
+        self.ffn_norm = RMSNorm(dim, config.rms_norm_eps)
+        self.ffn = FeedForward(dim, config.intermediate_size, config.hidden_dropout)
+        self.attention.out._residual_output = True  # depth-scaled init (BlockStatePreTrainedModel)
+        self.ffn.down._residual_output = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm(x))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class BSTLayer(BlockTransformerLayer):
+    """Block Transformer layer whose blocks also cross-attend to SSM context states (variant sh / mh / mf)."""
+
+    def __init__(self, config):
+        layout = "states" if config.variant == "mf" else "aligned"
+        super().__init__(config, context=layout, context_per_head=config.variant == "mh")
+        self.context = ContextStates(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.norm(x)
+        x = x + self.attention(u, self.context(u))
+        return x + self.ffn(self.ffn_norm(x))

@@ -1,0 +1,70 @@
+"""Small shared building blocks: RMSNorm, the feed-forward network, rotary positions, block reshaping."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (no centring, no bias), computed in fp32 for stability under autocast."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class FeedForward(nn.Module):
+    """Bias-free D -> intermediate -> D with GELU (the Block Transformer's FFN)."""
+
+    def __init__(self, dim: int, intermediate: int, dropout: float = 0.0):
+        super().__init__()
+        self.up = nn.Linear(dim, intermediate, bias=False)
+        self.down = nn.Linear(intermediate, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x))))
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, ...]:
+    """cos/sin tables (len(positions), head_dim) for rotary embeddings ("rotate half" layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., T, head_dim) by the tables for its T positions; the result keeps x's dtype."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def num_blocks(length: int, block_size: int) -> int:
+    return -(-length // block_size)
+
+
+def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, L, ...) -> (B, nb, W, ...), zero-padding the tail. Causality makes the padding harmless: it sits after
+    every real token, and the caller trims it again with ``from_blocks``."""
+    length = x.shape[1]
+    nb = num_blocks(length, block_size)
+    pad = nb * block_size - length
+    if pad:
+        x = torch.cat([x, x.new_zeros((x.shape[0], pad, *x.shape[2:]))], dim=1)
+    return x.reshape(x.shape[0], nb, block_size, *x.shape[2:])
+
+
+def from_blocks(x: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, nb, W, ...) -> (B, L, ...), dropping the padded tail."""
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])[:, :length]

@@ -1,0 +1,178 @@
+"""The SSM sublayer: a bank of depthwise long-convolution kernels applied by causal FFT convolution.
+
+``LongConvSSM(channels=D, filters=C)`` maps u (B, L, D) to y (B, D, C, L): C filters per channel
+(C = 1 for SH, H for MH, S for MF). Three kernel families share the interface ``kernel(length) -> (D, C, L)``:
+
+- ``S4DKernel``      structured, generated from (A, B, C, dt) for any length (spec section 4, *decision* S4D-ZOH);
+- ``ImplicitKernel`` unstructured, Hyena-style implicit filter with t in units of the training length;
+- ``ExplicitKernel`` unstructured, a free kernel regularised by squash/smooth (Fu et al. 2023).
+
+Every kernel parameter is created in fp32 and used with autocast off; parameters tagged ``_ssm = True`` get the
+lower learning rate and no weight decay (see ``blockstate.models.parameter_groups``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import transformers.initialization as init
+from torch import nn
+
+from blockstate.ops import (
+    decay_rates,
+    exponential_decay,
+    fft_causal_conv,
+    positional_features,
+    s4d_init,
+    s4d_kernel,
+    squash_smooth,
+)
+
+
+def _tag_ssm(*params: nn.Parameter) -> None:
+    for p in params:
+        p._ssm = True  # read by parameter_groups: lower LR, no weight decay
+
+
+class S4DKernel(nn.Module):
+    """Diagonal S4 kernels for ``channels * filters`` independent SSMs of ``state_size`` states each."""
+
+    def __init__(self, channels: int, filters: int, state_size: int = 16, init: str = "lin",
+                 dt_min: float = 1e-3, dt_max: float = 1e-1):
+        super().__init__()
+        self.channels, self.filters = channels, filters
+        self.state_size, self.init, self.dt_range = state_size, init, (dt_min, dt_max)
+        h, m = channels * filters, state_size // 2
+        s4d_init(1, state_size, init)  # validate the arguments early
+        self.log_dt = nn.Parameter(torch.empty(h))
+        self.log_a_real = nn.Parameter(torch.empty(h, m))
+        self.a_imag = nn.Parameter(torch.empty(h, m))
+        self.c = nn.Parameter(torch.empty(h, m, 2))
+        _tag_ssm(self.log_dt, self.log_a_real, self.a_imag, self.c)
+        self.init_parameters()
+
+    @torch.no_grad()
+    def init_parameters(self, std: float = 0.02) -> None:
+        values = s4d_init(self.channels * self.filters, self.state_size, self.init, *self.dt_range)
+        for name, value in values.items():
+            init.copy_(getattr(self, name), value)
+
+    def forward(self, length: int) -> torch.Tensor:
+        k = s4d_kernel(self.log_dt, self.log_a_real, self.a_imag, self.c, length)
+        return k.view(self.channels, self.filters, length)
+
+
+class _Sin(nn.Module):
+    """sin(freq * x) with a learned frequency per unit (Hyena's filter activation)."""
+
+    def __init__(self, dim: int, w: float = 1.0):
+        super().__init__()
+        self.w = w
+        self.freq = nn.Parameter(torch.full((dim,), w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.freq * x)
+
+
+class ImplicitKernel(nn.Module):
+    """k(t) = exp(-alpha t) * MLP(features(t)), t = l / max_train_length (spec section 4, *decision*)."""
+
+    def __init__(self, channels: int, filters: int, max_train_length: int, hidden: int = 64,
+                 num_bands: int = 16, depth: int = 2):
+        super().__init__()
+        self.channels, self.filters, self.max_train_length = channels, filters, max_train_length
+        self.num_bands = num_bands
+        layers: list[nn.Module] = []
+        width = 1 + 2 * num_bands
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), _Sin(hidden)]
+            width = hidden
+        layers.append(nn.Linear(width, channels * filters, bias=False))
+        self.mlp = nn.Sequential(*layers)
+        for layer in self.mlp:
+            layer._init_fan_in_uniform = True  # torch's default Linear init, also inside a PreTrainedModel
+        _tag_ssm(*self.mlp.parameters())
+
+    @torch.no_grad()
+    def init_parameters(self, std: float = 0.02) -> None:
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                bound = 1 / math.sqrt(layer.in_features)
+                init.uniform_(layer.weight, -bound, bound)
+                if layer.bias is not None:
+                    init.uniform_(layer.bias, -bound, bound)
+            else:
+                init.constant_(layer.freq, layer.w)
+
+    def forward(self, length: int) -> torch.Tensor:
+        device = self.mlp[0].weight.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            z = positional_features(length, self.max_train_length, self.num_bands, device=device)
+            k = self.mlp(z).t()  # (D*C, L)
+            rates = decay_rates(self.channels * self.filters).to(device)
+            k = k * exponential_decay(length, self.max_train_length, rates)
+        return k.reshape(self.channels, self.filters, length)
+
+
+class ExplicitKernel(nn.Module):
+    """A free kernel of max_train_length taps per filter, squashed and smoothed; zero beyond its length."""
+
+    def __init__(self, channels: int, filters: int, max_train_length: int, squash: float = 0.003,
+                 smooth_width: int = 3):
+        super().__init__()
+        self.channels, self.filters, self.max_train_length = channels, filters, max_train_length
+        self.squash, self.smooth_width = squash, smooth_width
+        self.weight = nn.Parameter(torch.empty(channels * filters, max_train_length))
+        _tag_ssm(self.weight)
+        self.init_parameters()
+
+    @torch.no_grad()
+    def init_parameters(self, std: float = 0.02) -> None:
+        # small random taps under a decaying envelope, so early outputs are not dominated by distant inputs
+        t = torch.arange(self.max_train_length, dtype=torch.float32)
+        envelope = torch.exp(-t / max(1.0, self.max_train_length / 8))
+        init.copy_(self.weight, torch.randn(self.weight.shape) * 0.02 * envelope)
+
+    def forward(self, length: int) -> torch.Tensor:
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            k = squash_smooth(self.weight.float(), self.squash, self.smooth_width)[:, :length]
+        if length > k.shape[-1]:
+            k = torch.nn.functional.pad(k, (0, length - k.shape[-1]))
+        return k.reshape(self.channels, self.filters, length)
+
+
+KERNELS = ("s4d", "unstructured", "explicit")
+
+
+def make_kernel(kind: str, channels: int, filters: int, *, state_size: int = 16, s4d_init: str = "lin",
+                dt_min: float = 1e-3, dt_max: float = 1e-1, max_train_length: int = 1024,
+                filter_hidden: int = 64, filter_bands: int = 16) -> nn.Module:
+    """Build a kernel family by its config name (``kernel=`` in BlockStateConfig)."""
+    if kind == "s4d":
+        return S4DKernel(channels, filters, state_size, s4d_init, dt_min, dt_max)
+    if kind == "unstructured":
+        return ImplicitKernel(channels, filters, max_train_length, filter_hidden, filter_bands)
+    if kind == "explicit":
+        return ExplicitKernel(channels, filters, max_train_length)
+    raise ValueError(f"kernel must be one of {list(KERNELS)}, got {kind!r}")
+
+
+class LongConvSSM(nn.Module):
+    """u (B, L, D) -> y (B, D, C, L) fp32: causal FFT convolution with C kernels per channel, plus D skip."""
+
+    def __init__(self, channels: int, filters: int, kernel: nn.Module):
+        super().__init__()
+        self.channels, self.filters = channels, filters
+        self.kernel = kernel
+        self.skip = nn.Parameter(torch.empty(channels, filters))
+        _tag_ssm(self.skip)
+        self.init_parameters()
+
+    @torch.no_grad()
+    def init_parameters(self, std: float = 0.02) -> None:
+        init.normal_(self.skip, 0.0, 1.0)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        k = self.kernel(u.shape[1])
+        return fft_causal_conv(u.transpose(1, 2), k, self.skip)

@@ -1,0 +1,143 @@
+"""BlockStateConfig: every architectural choice of a BST language model as config data (no subclasses)."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from blockstate.layers.bst import VARIANTS
+from blockstate.layers.ssm import KERNELS
+
+POSITION_ENCODINGS = ("rope", "none")
+S4D_INITS = ("lin", "inv")
+
+
+def default_bst_layers(num_layers: int) -> list[int]:
+    """The first layer (the SSM right after the embedding supplies position) and two in the upper half:
+    layers 0, 6 and 8 of 12, the paper's layout as best recalled (spec section 6)."""
+    return sorted({0, num_layers // 2, (2 * num_layers) // 3} & set(range(num_layers)))
+
+
+class BlockStateConfig(PretrainedConfig):
+    """Configuration of a Block-State Transformer language model.
+
+    Args:
+        vocab_size: number of token ids.
+        hidden_size: model width D.
+        num_hidden_layers: number of layers.
+        num_attention_heads: heads H (hidden_size must divide by it).
+        intermediate_size: FFN width (default 4 * hidden_size).
+        block_size: block (window) length W.
+        variant: how context states are formed: ``"sh"`` single-head, ``"mh"`` multi-head, ``"mf"`` multi-filter.
+        kernel: SSM kernel family: ``"s4d"`` (structured), ``"unstructured"`` (implicit filter), ``"explicit"``.
+        bst_layers: indices of the BST layers; the others are plain Block Transformer layers.
+        ssm_state_size: N, real states per S4D filter (N/2 conjugate-pair modes).
+        num_context_states: S, filters (and context states per block) of the MF variant.
+        max_train_length: training segment length L; the implicit filter measures time in units of it.
+        attend_previous_block: block self-attention also sees the previous W tokens (W x 2W tile).
+        position_encoding: ``"rope"`` inside blocks, or ``"none"``.
+        hidden_dropout / attention_dropout: residual-branch and attention-probability dropout.
+    """
+
+    model_type = "blockstate"
+
+    def __init__(
+        self,
+        vocab_size: int = 257,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        intermediate_size: int | None = None,
+        block_size: int = 64,
+        variant: str = "sh",
+        kernel: str = "s4d",
+        bst_layers: list[int] | None = None,
+        ssm_state_size: int = 16,
+        num_context_states: int = 32,
+        max_train_length: int = 512,
+        s4d_init: str = "lin",
+        ssm_dt_min: float = 1e-3,
+        ssm_dt_max: float = 1e-1,
+        filter_hidden_size: int = 64,
+        filter_num_bands: int = 16,
+        attend_previous_block: bool = False,
+        position_encoding: str = "rope",
+        rope_theta: float = 10000.0,
+        hidden_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
+        self.block_size = block_size
+        self.variant = variant
+        self.kernel = kernel
+        self.bst_layers = default_bst_layers(num_hidden_layers) if bst_layers is None else list(bst_layers)
+        self.ssm_state_size = ssm_state_size
+        self.num_context_states = num_context_states
+        self.max_train_length = max_train_length
+        self.s4d_init = s4d_init
+        self.ssm_dt_min = ssm_dt_min
+        self.ssm_dt_max = ssm_dt_max
+        self.filter_hidden_size = filter_hidden_size
+        self.filter_num_bands = filter_num_bands
+        self.attend_previous_block = attend_previous_block
+        self.position_encoding = position_encoding
+        self.rope_theta = rope_theta
+        self.hidden_dropout = hidden_dropout
+        self.attention_dropout = attention_dropout
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.validate_fields()
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def validate_fields(self) -> None:
+        """Raise ValueError naming the field, its value and what is allowed."""
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "block_size", "ssm_state_size", "num_context_states", "max_train_length",
+                     "filter_hidden_size", "filter_num_bands"):
+            positive(name)
+        choices = {"variant": VARIANTS, "kernel": KERNELS, "position_encoding": POSITION_ENCODINGS,
+                   "s4d_init": S4D_INITS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}); pick e.g. num_attention_heads="
+                f"{max(h for h in range(1, self.num_attention_heads + 1) if self.hidden_size % h == 0)}"
+            )
+        if self.position_encoding == "rope" and (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(
+                f"hidden_size / num_attention_heads = {self.hidden_size // self.num_attention_heads} must be even "
+                "for position_encoding='rope'; change the sizes or set position_encoding='none'"
+            )
+        if self.ssm_state_size % 2:
+            raise ValueError(f"ssm_state_size must be even (N/2 conjugate-pair modes), got {self.ssm_state_size}")
+        bad = [i for i in self.bst_layers if isinstance(i, bool) or not isinstance(i, int)
+               or not 0 <= i < self.num_hidden_layers]
+        if bad or len(set(self.bst_layers)) != len(self.bst_layers):
+            raise ValueError(
+                f"bst_layers must be distinct layer indices in [0, {self.num_hidden_layers - 1}] "
+                f"(num_hidden_layers={self.num_hidden_layers}), got {self.bst_layers}"
+            )
+        self.bst_layers = sorted(self.bst_layers)
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if not 0 < self.ssm_dt_min <= self.ssm_dt_max:
+            raise ValueError(f"ssm_dt_min/ssm_dt_max must satisfy 0 < min <= max, got "
+                             f"{self.ssm_dt_min}, {self.ssm_dt_max}")

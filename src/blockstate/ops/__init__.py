@@ -1,0 +1,20 @@
+"""Pure functions: each fast path with a readable reference beside it (the test oracle)."""
+
+from blockstate.ops.fftconv import causal_conv_reference, fft_causal_conv, fft_size
+from blockstate.ops.implicit import decay_rates, exponential_decay, positional_features, squash_smooth
+from blockstate.ops.s4d import s4d_discretize, s4d_init, s4d_kernel, s4d_kernel_reference, s4d_step
+
+__all__ = [
+    "causal_conv_reference",
+    "decay_rates",
+    "exponential_decay",
+    "fft_causal_conv",
+    "fft_size",
+    "positional_features",
+    "s4d_discretize",
+    "s4d_init",
+    "s4d_kernel",
+    "s4d_kernel_reference",
+    "s4d_step",
+    "squash_smooth",
+]

@@ -1,0 +1,19 @@
+import pytest
+import torch
+
+from blockstate.layers import KERNELS, VARIANTS
+from blockstate.models import BlockStateConfig
+
+VARIANT_KERNELS = [(v, k) for v in VARIANTS for k in KERNELS]
+
+
+def small_config(variant: str = "sh", kernel: str = "s4d", **overrides) -> BlockStateConfig:
+    """A model small enough for exhaustive tests: 3 layers (BST at 0 and 2), W=8, trained length 32."""
+    base = dict(vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, block_size=8,
+                max_train_length=32, num_context_states=4, bst_layers=[0, 2], variant=variant, kernel=kernel)
+    return BlockStateConfig(**{**base, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

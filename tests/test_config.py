@@ -1,0 +1,60 @@
+"""Configuration validation and presets."""
+
+import pytest
+
+from blockstate.models import BlockStateConfig, count_parameters, parameter_table, preset_config
+from blockstate.models.configuration_blockstate import default_bst_layers
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(hidden_size=30, num_attention_heads=4), "num_attention_heads"),
+        (dict(block_size=0), "block_size"),
+        (dict(block_size=-3), "block_size"),
+        (dict(bst_layers=[0, 4], num_hidden_layers=4), "bst_layers"),
+        (dict(bst_layers=[-1]), "bst_layers"),
+        (dict(bst_layers=[1, 1]), "bst_layers"),
+        (dict(variant="xx"), "variant"),
+        (dict(kernel="s5"), "kernel"),
+        (dict(ssm_state_size=15), "ssm_state_size"),
+        (dict(num_context_states=0), "num_context_states"),
+        (dict(hidden_dropout=1.5), "hidden_dropout"),
+        (dict(position_encoding="alibi"), "position_encoding"),
+        (dict(vocab_size=0), "vocab_size"),
+    ],
+)
+def test_bad_config_raises_value_error_naming_field(overrides, field):
+    with pytest.raises(ValueError, match=field) as info:
+        BlockStateConfig(**overrides)
+    message = str(info.value)
+    if field in ("variant", "kernel"):
+        assert "must be one of" in message  # names the allowed values
+
+
+def test_default_bst_layers():
+    assert default_bst_layers(12) == [0, 6, 8]
+    assert default_bst_layers(4) == [0, 2]
+    assert default_bst_layers(1) == [0]
+
+
+def test_presets_and_parameter_counts():
+    tiny = preset_config("tiny", "mf", "s4d")
+    assert tiny.variant == "mf" and tiny.hidden_size == 256
+    assert preset_config("tiny", hidden_size=128).hidden_size == 128
+    from blockstate import BlockStateForCausalLM
+
+    assert count_parameters(tiny) == sum(p.numel() for p in BlockStateForCausalLM(tiny).parameters())
+    with pytest.raises(ValueError, match="size"):
+        preset_config("huge")
+
+
+def test_paper_presets_near_reported_sizes():
+    rows = {(r["variant"], r["kernel"]): r for r in parameter_table(["paper"])}
+    small = {r["variant"] + r["kernel"]: r["parameters"] for r in parameter_table(["small"])}
+    assert 18e6 <= small["shs4d"] <= 22e6
+    # SH within 5% of the paper; MH and MF add only SSM filters here (see README, "Parameter counts")
+    assert abs(rows[("sh", "s4d")]["ratio"] - 1) < 0.05
+    assert abs(rows[("sh", "unstructured")]["ratio"] - 1) < 0.05
+    for key in [("mh", "s4d"), ("mf", "s4d"), ("mf", "unstructured")]:
+        assert 0.88 < rows[key]["ratio"] < 1.0

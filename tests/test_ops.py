@@ -1,0 +1,99 @@
+"""ops against their plain references."""
+
+import pytest
+import torch
+
+from blockstate.ops import (
+    causal_conv_reference,
+    fft_causal_conv,
+    fft_size,
+    s4d_discretize,
+    s4d_init,
+    s4d_kernel,
+    s4d_kernel_reference,
+    s4d_step,
+    squash_smooth,
+)
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 64, 127, 300, 1000])
+@pytest.mark.parametrize("filters", [None, 3])
+def test_fft_conv_equals_direct_convolution(length, filters):
+    g = torch.Generator().manual_seed(length)
+    u = torch.randn(2, 5, length, generator=g)
+    k_shape = (5, length) if filters is None else (5, filters, length)
+    k = torch.randn(*k_shape, generator=g) / length**0.5
+    skip = torch.randn(*k_shape[:-1], generator=g)
+    fast, ref = fft_causal_conv(u, k, skip), causal_conv_reference(u, k, skip)
+    assert fast.shape == ref.shape
+    assert torch.allclose(fast, ref, atol=2e-5, rtol=1e-5), (fast - ref).abs().max()
+
+
+def test_fft_conv_pads_to_avoid_wraparound():
+    assert all(fft_size(n) >= 2 * n for n in range(1, 3000))
+    # a kernel tap at lag L-1 applied to an impulse at the end must not wrap into the start
+    length = 50
+    u = torch.zeros(1, 1, length)
+    u[..., -1] = 1.0
+    k = torch.zeros(1, length)
+    k[:, -1] = 1.0
+    assert fft_causal_conv(u, k).abs().max() < 1e-6
+
+
+def test_fft_conv_shorter_kernel_is_zero_extended():
+    u = torch.randn(1, 2, 40)
+    k = torch.randn(2, 10)
+    assert torch.allclose(fft_causal_conv(u, k), causal_conv_reference(u, k), atol=1e-5)
+
+
+def test_fft_conv_stays_fp32_under_autocast():
+    u, k = torch.randn(1, 4, 33), torch.randn(4, 33)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fft_causal_conv(u.bfloat16(), k)
+    assert y.dtype == torch.float32
+    assert torch.allclose(y, causal_conv_reference(u.bfloat16().float(), k), atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["lin", "inv"])
+@pytest.mark.parametrize("length", [1, 17, 256, 1000])
+@pytest.mark.parametrize("state_size", [2, 16, 64])
+def test_s4d_kernel_equals_unrolled_recurrence(init, length, state_size):
+    p = s4d_init(6, state_size, init, generator=torch.Generator().manual_seed(1))
+    fast, ref = s4d_kernel(**p, length=length), s4d_kernel_reference(**p, length=length)
+    assert fast.shape == (6, length)
+    scale = ref.abs().max()
+    assert (fast - ref).abs().max() <= 2e-5 * max(1.0, scale)
+
+
+def test_s4d_init_matches_s4d_definitions():
+    lin = s4d_init(1, 8, "lin")
+    assert torch.allclose(-lin["log_a_real"].exp(), torch.full((1, 4), -0.5))
+    assert torch.allclose(lin["a_imag"][0], torch.pi * torch.arange(4.0))
+    dt = s4d_init(1000, 16)["log_dt"].exp()
+    assert dt.min() >= 1e-3 and dt.max() <= 1e-1
+    with pytest.raises(ValueError, match="state_size"):
+        s4d_init(1, 3)
+    with pytest.raises(ValueError, match="init"):
+        s4d_init(1, 4, "bogus")
+
+
+def test_s4d_step_reproduces_convolution():
+    p = s4d_init(3, 8, generator=torch.Generator().manual_seed(0))
+    u = torch.randn(2, 3, 40)
+    skip = torch.zeros(3)
+    conv = fft_causal_conv(u, s4d_kernel(**p, length=40), skip)
+    abar, bbar, c = s4d_discretize(**p)
+    state = torch.zeros(2, 3, 4, dtype=torch.complex64)
+    ys = []
+    for t in range(40):
+        state, y = s4d_step(state, u[..., t], abar, bbar, c)
+        ys.append(y)
+    assert torch.allclose(torch.stack(ys, -1), conv, atol=1e-5)
+
+
+def test_squash_smooth():
+    k = torch.tensor([[0.001, -0.5, 0.002, 1.0]])
+    squashed = squash_smooth(k, squash=0.01)
+    assert squashed[0, 0] == 0 and squashed[0, 2] == 0 and squashed[0, 3] == pytest.approx(0.99)
+    smoothed = squash_smooth(torch.tensor([[0.0, 3.0, 0.0]]), smooth_width=3)
+    assert torch.allclose(smoothed, torch.tensor([[1.5, 1.0, 1.5]]))
