@@ -27,14 +27,16 @@ from blockstate.layers.common import RMSNorm, apply_rope, from_blocks, num_block
 CONTEXT_LAYOUTS = (None, "aligned", "states")
 
 
-def previous_block_mask(nb: int, block_size: int, device=None) -> torch.Tensor:
+def previous_block_mask(nb: int, block_size: int, first_has_past: bool = False, device=None) -> torch.Tensor:
     """(nb, 1, W, 2W) bool: query i of a block sees key j of [previous block; this block] iff it lies in the
-    last W positions up to and including i (i < j <= W + i); block 0 has no previous block."""
+    last W positions up to and including i (i < j <= W + i). Block 0 sees a previous block only when keys/values
+    of one were carried in from the previous segment (``first_has_past``)."""
     i = torch.arange(block_size, device=device)[:, None]
     j = torch.arange(2 * block_size, device=device)[None, :]
     window = (j > i) & (j <= block_size + i)
     mask = window.expand(nb, block_size, 2 * block_size).clone()
-    mask[0, :, :block_size] = False
+    if not first_has_past:
+        mask[0, :, :block_size] = False
     return mask.unsqueeze(1)
 
 
@@ -80,14 +82,24 @@ class BlockAttention(nn.Module):
             init.normal_(self.kv_cross_heads, 0.0, std)
 
     # -- shapes ---------------------------------------------------------------------------------------------
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    def effective_block_size(self, length: int, has_past: bool = False) -> int:
+        """A sequence shorter than one block is one block of its own length: no padding work (this is also how
+        a huge ``block_size`` gives full causal attention). Carried keys/values need the true W."""
+        return self.block_size if has_past else min(self.block_size, length)
+
+    def _heads(self, x: torch.Tensor, w: int) -> torch.Tensor:
         """(B, L, H, d) -> (B * nb, H, W, d)."""
-        x = to_blocks(x, self.block_size)
-        return x.flatten(0, 1).transpose(1, 2)
+        return to_blocks(x, w).flatten(0, 1).transpose(1, 2)
 
     def _sdpa(self, q, k, v, mask=None, causal=False) -> torch.Tensor:
         p = self.attention_dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+
+    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        if not self.rope:
+            return x
+        positions = torch.arange(start, start + x.shape[-2], device=x.device)
+        return apply_rope(x, *rope_cos_sin(positions, self.head_dim, self.rope_theta))
 
     def context_keys_values(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the context states, laid out like the states: (..., H, d) each."""
@@ -99,40 +111,61 @@ class BlockAttention(nn.Module):
         return kv.chunk(2, dim=-1)
 
     # -- forward --------------------------------------------------------------------------------------------
-    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """h: normed input (B, L, D); context: states in this module's layout. Returns (B, L, D)."""
-        bsz, length, _ = h.shape
-        w, nb = self.block_size, num_blocks(length, self.block_size)
-        q, k, v = (self._heads(t) for t in self.qkv(h).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2))
-        if self.rope:
-            cos, sin = rope_cos_sin(torch.arange(w, device=h.device), self.head_dim, self.rope_theta)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def forward(
+        self,
+        h: torch.Tensor,
+        context: torch.Tensor | None = None,
+        past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        return_kv: bool = False,
+    ):
+        """h: normed input (B, L, D); context: states in this module's layout. Returns (B, L, D).
 
+        With ``attend_previous_block``, ``past_kv`` = (keys, values), each (B, H, W, d) before RoPE, are the last W
+        positions of the previous segment: block 0 then sees them as its previous block (carried without gradient
+        by the caller). ``return_kv=True`` also returns this segment's last W keys/values in that form.
+        """
+        bsz, length, _ = h.shape
+        has_past = past_kv is not None
+        if has_past and not self.attend_previous_block:
+            raise ValueError("past_kv needs attend_previous_block=True")
+        w = self.effective_block_size(length, has_past)
+        nb = num_blocks(length, w)
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+        new_kv = (k[:, -w:].transpose(1, 2), v[:, -w:].transpose(1, 2)) if return_kv else None
+        q, k, v = self._heads(q, w), self._heads(k, w), self._heads(v, w)
+
+        out = None
         if self.attend_previous_block:
-            k_prev = torch.roll(k.unflatten(0, (bsz, nb)), 1, dims=1).flatten(0, 1)  # block 0 masked below
-            v_prev = torch.roll(v.unflatten(0, (bsz, nb)), 1, dims=1).flatten(0, 1)
-            mask = previous_block_mask(nb, w, h.device).repeat(bsz, 1, 1, 1)
-            keys, values = torch.cat([k_prev, k], dim=2), torch.cat([v_prev, v], dim=2)
+            # keys of [previous block; this block] sit at positions 0..2W-1, queries at W..2W-1 (RoPE is relative)
+            k_prev = torch.roll(k.unflatten(0, (bsz, nb)), 1, dims=1)
+            v_prev = torch.roll(v.unflatten(0, (bsz, nb)), 1, dims=1)
+            if has_past:
+                k_prev[:, 0], v_prev[:, 0] = past_kv[0].to(k.dtype), past_kv[1].to(v.dtype)
+            keys = self._rope(torch.cat([k_prev.flatten(0, 1), k], dim=2), 0)
+            values = torch.cat([v_prev.flatten(0, 1), v], dim=2)
+            mask = previous_block_mask(nb, w, has_past, h.device).repeat(bsz, 1, 1, 1)
+            q = self._rope(q, w)
             out = self._sdpa(q, keys, values, mask=mask)
         else:
-            out = None
+            q, k = self._rope(q, 0), self._rope(k, 0)
 
         if self.context is None:
             if out is None:
                 out = self._sdpa(q, k, v, causal=True)
         elif self.context == "aligned":
-            q2 = self._heads(self.q_cross(h).unflatten(-1, (self.num_heads, self.head_dim)))
-            kc, vc = (self._heads(t) for t in self.context_keys_values(context))
+            q2 = self._heads(self.q_cross(h).unflatten(-1, (self.num_heads, self.head_dim)), w)
+            kc, vc = (self._heads(t, w) for t in self.context_keys_values(context))
             if out is None:  # same causal mask: one call over 2H heads
                 out = self._sdpa(torch.cat([q, q2], 1), torch.cat([k, kc], 1), torch.cat([v, vc], 1), causal=True)
             else:
                 out = torch.cat([out, self._sdpa(q2, kc, vc, causal=True)], dim=1)
         else:  # "states": (B, nb, S, D), no mask
-            q2 = self._heads(self.q_cross(h).unflatten(-1, (self.num_heads, self.head_dim)))
+            q2 = self._heads(self.q_cross(h).unflatten(-1, (self.num_heads, self.head_dim)), w)
             kc, vc = (t.flatten(0, 1).transpose(1, 2) for t in self.context_keys_values(context))
             if out is None:
                 out = self._sdpa(q, k, v, causal=True)
             out = torch.cat([out, self._sdpa(q2, kc.to(q2.dtype), vc.to(q2.dtype))], dim=1)
 
         out = out.transpose(1, 2).flatten(2).unflatten(0, (bsz, nb))  # (B, nb, W, heads * d)
-        return self.dropout(self.out(from_blocks(out, length)))
+        out = self.dropout(self.out(from_blocks(out, length)))
+        return (out, new_kv) if return_kv else out
