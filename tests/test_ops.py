@@ -97,3 +97,26 @@ def test_squash_smooth():
     assert squashed[0, 0] == 0 and squashed[0, 2] == 0 and squashed[0, 3] == pytest.approx(0.99)
     smoothed = squash_smooth(torch.tensor([[0.0, 3.0, 0.0]]), smooth_width=3)
     assert torch.allclose(smoothed, torch.tensor([[1.5, 1.0, 1.5]]))
+
+
+def test_s4d_final_state_and_state_response_continue_the_recurrence():
+    """Split a stream at T: (final state after part 1) + (its response over part 2) + conv(part 2) == conv(all)."""
+    from blockstate.ops import s4d_final_state, s4d_state_response
+
+    p = s4d_init(4, 8, generator=torch.Generator().manual_seed(3))
+    u = torch.randn(2, 4, 70)
+    abar, bbar, c = s4d_discretize(**p)
+    state = torch.zeros(2, 4, 4, dtype=torch.complex64)
+    for t in range(45):
+        state, _ = s4d_step(state, u[..., t], abar, bbar, c)
+    fast = s4d_final_state(p["log_dt"], p["log_a_real"], p["a_imag"], u[..., :45], chunk=16)
+    assert torch.allclose(fast, state, atol=1e-5)
+    # from a non-zero start
+    again = s4d_final_state(p["log_dt"], p["log_a_real"], p["a_imag"], u[..., 45:], x0=fast, chunk=7)
+    for t in range(45, 70):
+        state, _ = s4d_step(state, u[..., t], abar, bbar, c)
+    assert torch.allclose(again, state, atol=1e-5)
+    k = s4d_kernel(**p, length=70)
+    whole = fft_causal_conv(u, k)
+    tail = fft_causal_conv(u[..., 45:], k) + s4d_state_response(**p, x0=fast, length=25)
+    assert torch.allclose(tail, whole[..., 45:], atol=1e-5)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import transformers.initialization as init
 from torch import nn
 
+from blockstate.layers.cache import LayerCache, gather_positions, grow
 from blockstate.layers.common import RMSNorm, apply_rope, from_blocks, num_blocks, rope_cos_sin, to_blocks
 
 CONTEXT_LAYOUTS = (None, "aligned", "states")
@@ -169,3 +170,114 @@ class BlockAttention(nn.Module):
         out = out.transpose(1, 2).flatten(2).unflatten(0, (bsz, nb))  # (B, nb, W, heads * d)
         out = self.dropout(self.out(from_blocks(out, length)))
         return (out, new_kv) if return_kv else out
+
+    # -- streaming: one token at a time ----------------------------------------------------------------------
+    def _grow_block(self, cache: LayerCache, batch: int, needed: int, like: torch.Tensor) -> None:
+        shape = (batch, self.num_heads, needed, self.head_dim)
+        # a huge block_size (full attention) grows its buffers with the context; a real block keeps W slots
+        limit = self.block_size
+        cache.keys = grow(cache.keys, shape, needed, limit, 2, like.dtype, like.device)
+        cache.values = grow(cache.values, shape, needed, limit, 2, like.dtype, like.device)
+        if self.context == "aligned":
+            cache.context_keys = grow(cache.context_keys, shape, needed, limit, 2, like.dtype, like.device)
+            cache.context_values = grow(cache.context_values, shape, needed, limit, 2, like.dtype, like.device)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H*d) -> (B, H, T, d)."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    @torch.no_grad()
+    def fill_cache(self, cache: LayerCache, h: torch.Tensor, context: torch.Tensor | None,
+                   lengths: torch.Tensor) -> None:
+        """After a parallel pass over h (B, T, D) whose row b holds lengths[b] real tokens (then padding), keep
+        what decoding from position lengths[b] needs: the current block's keys/values (and the previous block's),
+        and the context states' keys/values. Only those positions are projected again."""
+        w = self.block_size
+        phase = lengths % w
+        base = lengths - phase
+        slots = max(1, int(phase.max()))
+        self._grow_block(cache, h.shape[0], w if self.attend_previous_block else min(w, slots), h)
+        cap = cache.keys.shape[2]
+        if self.attend_previous_block:
+            # a row at a block start keeps its finished block as "current": the next step moves it to "previous"
+            own = torch.where((phase == 0) & (lengths > 0), base - w, base)
+            k, v = self.qkv(gather_positions(h, own - w, w))[..., self.dim :].chunk(2, dim=-1)
+            cache.prev_keys, cache.prev_values = self._split_heads(k), self._split_heads(v)
+        else:
+            own = base
+        k, v = self.qkv(gather_positions(h, own, cap))[..., self.dim :].chunk(2, dim=-1)
+        cache.keys.copy_(self._split_heads(k))
+        cache.values.copy_(self._split_heads(v))
+        if self.context == "aligned":
+            kc, vc = self.context_keys_values(gather_positions(context, base, cap))
+            cache.context_keys.copy_(kc.transpose(1, 2))
+            cache.context_values.copy_(vc.transpose(1, 2))
+        elif self.context == "states":  # the states of the block holding position lengths[b]
+            block = (base // w).clamp(max=context.shape[1] - 1)
+            states = context[torch.arange(context.shape[0], device=context.device), block]
+            kc, vc = self.context_keys_values(states)
+            cache.context_keys, cache.context_values = kc.transpose(1, 2), vc.transpose(1, 2)
+
+    @torch.no_grad()
+    def step(self, h: torch.Tensor, cache: LayerCache, position: torch.Tensor,
+             context: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row. h: normed input (B, D); position: (B,) index of this token in its row's stream;
+        context: aligned: this position's state, (B, D) or (B, H, D); states: (B, S, D), the states of a block
+        starting here (used by rows at a block start). Returns (B, D), equal to the parallel forward's output."""
+        bsz, w = h.shape[0], self.block_size
+        rows = torch.arange(bsz, device=h.device)
+        phase = position % w
+        starts = phase == 0
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(1)  # (B, H, d) each
+        if self.attend_previous_block:
+            if cache.prev_keys is None:
+                shape = (bsz, self.num_heads, w, self.head_dim)
+                cache.prev_keys, cache.prev_values = h.new_zeros(shape), h.new_zeros(shape)
+            self._grow_block(cache, bsz, w, h)
+            moving = starts.view(-1, 1, 1, 1)  # the finished block becomes the previous block
+            cache.prev_keys = torch.where(moving, cache.keys, cache.prev_keys)
+            cache.prev_values = torch.where(moving, cache.values, cache.prev_values)
+        self._grow_block(cache, bsz, int(phase.max()) + 1, h)
+        cache.keys[rows, :, phase] = k
+        cache.values[rows, :, phase] = v
+
+        cap = cache.keys.shape[2]
+        current = torch.arange(cap, device=h.device)[None, :] <= phase[:, None]  # (B, cap)
+        offset = w if self.attend_previous_block else 0
+        q1 = self._rope_at(q, phase + offset)
+        if self.attend_previous_block:
+            keys = self._rope(torch.cat([cache.prev_keys, cache.keys], dim=2), 0)
+            values = torch.cat([cache.prev_values, cache.values], dim=2)
+            previous = (torch.arange(w, device=h.device)[None, :] > phase[:, None]) & (position >= w)[:, None]
+            mask = torch.cat([previous, current], dim=1)
+        else:
+            keys, values, mask = self._rope(cache.keys, 0), cache.values, current
+        outs = [F.scaled_dot_product_attention(q1.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :])]
+
+        if self.context is not None:
+            q2 = self.q_cross(h).unflatten(-1, (self.num_heads, self.head_dim)).unsqueeze(2)
+            if self.context == "aligned":
+                kc, vc = self.context_keys_values(context.unsqueeze(1))  # (B, 1, H, d)
+                cache.context_keys[rows, :, phase] = kc[:, 0]
+                cache.context_values[rows, :, phase] = vc[:, 0]
+                cross_mask = current[:, None, None, :]
+            else:
+                if bool(starts.any()):
+                    kc, vc = (t.transpose(1, 2) for t in self.context_keys_values(context))
+                    if cache.context_keys is None:
+                        cache.context_keys, cache.context_values = kc, vc
+                    moving = starts.view(-1, 1, 1, 1)
+                    cache.context_keys = torch.where(moving, kc.to(cache.context_keys.dtype), cache.context_keys)
+                    cache.context_values = torch.where(moving, vc.to(cache.context_values.dtype),
+                                                       cache.context_values)
+                cross_mask = None
+            outs.append(F.scaled_dot_product_attention(q2, cache.context_keys.to(q2.dtype),
+                                                       cache.context_values.to(q2.dtype), attn_mask=cross_mask))
+        return self.out(torch.cat(outs, dim=1).flatten(1))
+
+    def _rope_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, H, d), row b at positions[b]."""
+        if not self.rope:
+            return x
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
+        return apply_rope(x, cos[:, None, :], sin[:, None, :])

@@ -18,6 +18,7 @@ import transformers.initialization as init
 from torch import nn
 
 from blockstate.layers.attention import BlockAttention
+from blockstate.layers.cache import LayerCache
 from blockstate.layers.common import FeedForward, RMSNorm, num_blocks
 from blockstate.layers.ssm import LongConvSSM, make_kernel
 
@@ -56,13 +57,36 @@ class ContextStates(nn.Module):
             init.normal_(self.initial_context, 0.0, 1.0)  # comparable to the SSM outputs it stands in for
             init.normal_(self.context_ids, 0.0, std)
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, cache: LayerCache | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         y = self.ssm(u)  # (B, D, C, L), fp32
+        if cache is not None:  # prefill: hand the SSM over to the recurrence at position lengths[b]
+            self.ssm.fill_cache(cache, u, lengths)
+            if self.variant == "mf":
+                cache.last_output = y[torch.arange(y.shape[0], device=y.device), :, :, lengths - 1]
         if self.variant == "sh":
             return y[:, :, 0].transpose(1, 2)
         if self.variant == "mh":
             return y.permute(0, 3, 2, 1)
         return self.block_summaries(y)
+
+    @torch.no_grad()
+    def step(self, u: torch.Tensor, cache: LayerCache, position: torch.Tensor) -> torch.Tensor:
+        """u (B, D) at positions (B,) -> this position's context: sh (B, D), mh (B, H, D); mf (B, S, D), the
+        states of a block starting at this position (the outputs at the previous position, or the initial
+        context at position 0), which the attention takes up at block starts only."""
+        y = self.ssm.step(cache, u, position)  # (B, D, C)
+        if self.variant == "sh":
+            return y[..., 0]
+        if self.variant == "mh":
+            return y.transpose(1, 2)
+        initial = self.initial_context.float().expand(u.shape[0], -1, -1)
+        if cache.last_output is None:
+            states = initial
+        else:
+            states = torch.where((position == 0).view(-1, 1, 1), initial, cache.last_output.transpose(1, 2))
+        cache.last_output = y
+        return states + self.context_ids.float()
 
     def block_summaries(self, y: torch.Tensor) -> torch.Tensor:
         """MF: (B, D, S, L) -> (B, nb, S, D). Block k gets the outputs at position k*W - 1; block 0 the learned
@@ -90,12 +114,31 @@ class BlockTransformerLayer(nn.Module):
         )
         self.ffn_norm = RMSNorm(dim, config.rms_norm_eps)
         self.ffn = FeedForward(dim, config.intermediate_size, config.hidden_dropout)
+        self.context: ContextStates | None = None  # BSTLayer sets it
         self.attention.out._residual_output = True  # depth-scaled init (BlockStatePreTrainedModel)
         self.ffn.down._residual_output = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.norm(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D). With ``cache`` (prefill), also keep what decoding needs; row b holds lengths[b] tokens."""
+        u = self.norm(x)
+        context = self.context(u, cache, lengths) if self.context is not None else None
+        x = x + self.attention(u, context)
+        if cache is not None:
+            self.attention.fill_cache(cache, u, context, lengths)
         return x + self.ffn(self.ffn_norm(x))
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, cache: LayerCache, position: torch.Tensor) -> torch.Tensor:
+        """One token per row: x (B, D) at positions (B,) -> (B, D), equal to the parallel forward there."""
+        u = self.norm(x)
+        context = self.context.step(u, cache, position) if self.context is not None else None
+        x = x + self.attention.step(u, cache, position, context)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def allocate_inference_cache(self) -> LayerCache:
+        """An empty cache; buffers are sized on first use (prefill or step)."""
+        return LayerCache()
 
 
 class BSTLayer(BlockTransformerLayer):
@@ -105,8 +148,3 @@ class BSTLayer(BlockTransformerLayer):
         layout = "states" if config.variant == "mf" else "aligned"
         super().__init__(config, context=layout, context_per_head=config.variant == "mh")
         self.context = ContextStates(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = self.norm(x)
-        x = x + self.attention(u, self.context(u))
-        return x + self.ffn(self.ffn_norm(x))

@@ -19,13 +19,17 @@ import torch
 import transformers.initialization as init
 from torch import nn
 
+from blockstate.layers.cache import grow
 from blockstate.ops import (
     decay_rates,
     exponential_decay,
     fft_causal_conv,
     positional_features,
+    s4d_discretize,
+    s4d_final_state,
     s4d_init,
     s4d_kernel,
+    s4d_step,
     squash_smooth,
 )
 
@@ -176,3 +180,59 @@ class LongConvSSM(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         k = self.kernel(u.shape[1])
         return fft_causal_conv(u.transpose(1, 2), k, self.skip)
+
+    # -- streaming ------------------------------------------------------------------------------------------
+    @property
+    def recurrent(self) -> bool:
+        """S4D kernels run as their exact diagonal recurrence; the others convolve the kept input history."""
+        return isinstance(self.kernel, S4DKernel)
+
+    def _per_filter(self, u: torch.Tensor) -> torch.Tensor:
+        """(B, D, ...) -> (B, D*C, ...): filter (d, c) of the kernel bank reads channel d."""
+        return u.repeat_interleave(self.filters, dim=1) if self.filters > 1 else u
+
+    @torch.no_grad()
+    def fill_cache(self, cache, u: torch.Tensor, lengths: torch.Tensor) -> None:
+        """After a parallel pass over u (B, T, D) with lengths[b] real tokens per row, keep the SSM state (S4D)
+        or the input history (other kernels) at position lengths[b]."""
+        bsz, total = u.shape[0], u.shape[1]
+        t = torch.arange(total, device=u.device)
+        if self.recurrent:
+            # right-align each row (zeros in front leave a zero state unchanged), then one state at the end
+            index = t[None, :] + (lengths[:, None] - total)
+            aligned = u.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, u.shape[-1]))
+            aligned = aligned * (index >= 0)[..., None]
+            k = self.kernel
+            inputs = self._per_filter(aligned.transpose(1, 2))
+            cache.ssm_state = s4d_final_state(k.log_dt, k.log_a_real, k.a_imag, inputs)
+        else:
+            history = (u * (t[None, :] < lengths[:, None])[..., None]).transpose(1, 2).float()
+            cache.history = grow(None, (bsz, self.channels, total), total, None, 2, torch.float32, u.device)
+            cache.history[..., :total] = history
+            cache.kernel = self.kernel(cache.history.shape[-1]).detach()
+
+    @torch.no_grad()
+    def step(self, cache, u: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """u (B, D) at positions (B,) -> y (B, D, C), fp32, equal to the convolution's output there."""
+        bsz = u.shape[0]
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            u = u.float()
+            if self.recurrent:
+                k = self.kernel
+                abar, bbar, c = s4d_discretize(k.log_dt, k.log_a_real, k.a_imag, k.c)
+                if cache.ssm_state is None:
+                    cache.ssm_state = torch.zeros(bsz, *abar.shape, dtype=abar.dtype, device=u.device)
+                cache.ssm_state, y = s4d_step(cache.ssm_state, self._per_filter(u), abar, bbar, c)
+                y = y.view(bsz, self.channels, self.filters)
+            else:
+                needed = int(position.max()) + 1
+                old = 0 if cache.history is None else cache.history.shape[-1]
+                cache.history = grow(cache.history, (bsz, self.channels, needed), needed, None, 2, torch.float32,
+                                     u.device)
+                if cache.history.shape[-1] != old or cache.kernel is None:
+                    cache.kernel = self.kernel(cache.history.shape[-1]).detach().float()
+                cache.history[torch.arange(bsz, device=u.device), :, position] = u
+                lag = position[:, None] - torch.arange(cache.history.shape[-1], device=u.device)[None, :]  # (B, T)
+                taps = cache.kernel[:, :, lag.clamp(min=0)] * (lag >= 0)  # (D, C, B, T)
+                y = torch.einsum("dcbs,bds->bdc", taps, cache.history)
+            return y + self.skip.float() * u.unsqueeze(-1)

@@ -8,6 +8,7 @@ the result on the real tokens identical to the unpadded computation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from blockstate.layers import BlockTransformerLayer, BSTLayer, RMSNorm
+from blockstate.layers.cache import BlockStateCache, gather_positions
 from blockstate.models.configuration_blockstate import BlockStateConfig
 
 
@@ -73,16 +75,37 @@ class BlockStateModel(BlockStatePreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                cache: BlockStateCache | None = None, lengths: torch.Tensor | None = None,
                 **kwargs) -> BaseModelOutput:
+        """Parallel pass over (B, L). With ``cache`` (prefill), every layer also keeps what decoding from
+        position lengths[b] needs (row b holds lengths[b] real tokens followed by padding)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, L) or inputs_embeds (B, L, D)")
         if inputs_embeds is None:
             check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
+        if cache is not None and lengths is None:
+            lengths = torch.full((inputs_embeds.shape[0],), inputs_embeds.shape[1], device=inputs_embeds.device)
         x = self.dropout(inputs_embeds)
-        for layer in self.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, None if cache is None else cache.layers[i], lengths)
+        if cache is not None:
+            cache.position = lengths.clone()
         return BaseModelOutput(last_hidden_state=self.norm(x))
+
+    def allocate_inference_cache(self, batch_size: int, device: torch.device | None = None) -> BlockStateCache:
+        device = device or self.embed_tokens.weight.device
+        return BlockStateCache(position=torch.zeros(batch_size, dtype=torch.long, device=device),
+                               layers=[layer.allocate_inference_cache() for layer in self.layers])
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.LongTensor, cache: BlockStateCache) -> torch.Tensor:
+        """One token per row, (B,) -> final hidden states (B, D); advances ``cache.position``."""
+        x = self.embed_tokens(input_ids)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer.step(x, layer_cache, cache.position)
+        cache.position = cache.position + 1
+        return self.norm(x)
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -125,12 +148,78 @@ class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, input_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, return_dict: bool | None = None,
-                **kwargs) -> CausalLMOutput:
-        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds).last_hidden_state
+                attention_mask: torch.Tensor | None = None, cache: BlockStateCache | None = None,
+                use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None,
+                return_dict: bool | None = None, **kwargs) -> BlockStateCausalLMOutput:
+        """Parallel forward; or, with ``use_cache``, a parallel prefill that returns a cache; or, given a cache
+        that has seen tokens, recurrent decoding of ``input_ids`` one token at a time (equal to the parallel
+        forward over the whole stream). ``attention_mask`` (B, L) marks one contiguous run of real tokens per row
+        (left or right padding); each row is computed as if it stood alone."""
+        if cache is not None and int(cache.position.max()) > 0:
+            if input_ids is None:
+                raise ValueError("decoding with a cache needs input_ids")
+            check_input_ids(input_ids, self.config.vocab_size)
+            hidden = torch.stack([self.model.step(input_ids[:, t], cache) for t in range(input_ids.shape[1])], 1)
+            logits = self.lm_head(hidden).float()
+            loss = None if labels is None else causal_lm_loss(logits, labels)
+            return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache)
+
+        starts = lengths = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            if input_ids is None:
+                raise ValueError("attention_mask with padding needs input_ids")
+            starts, lengths = padding_runs(attention_mask)
+            input_ids = gather_positions(input_ids, starts, input_ids.shape[1])  # real tokens first
+            input_ids = input_ids * (torch.arange(input_ids.shape[1], device=input_ids.device) < lengths[:, None])
+        if use_cache and cache is None:
+            batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            cache = self.model.allocate_inference_cache(batch)
+        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache,
+                            lengths=lengths).last_hidden_state
         logits = self.lm_head(hidden).float()
+        if starts is not None:  # back to the caller's layout; padding positions get zero logits
+            t = torch.arange(logits.shape[1], device=logits.device)[None, :]
+            real = (t >= starts[:, None]) & (t < (starts + lengths)[:, None])
+            logits = gather_positions(logits, -starts, logits.shape[1]) * real[..., None]
         loss = None if labels is None else causal_lm_loss(logits, labels)
-        return CausalLMOutput(loss=loss, logits=logits)
+        return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache or cache else None)
+
+    def allocate_inference_cache(self, batch_size: int, device: torch.device | None = None) -> BlockStateCache:
+        """An empty cache for ``batch_size`` streams (one inference interface for every layer)."""
+        return self.model.allocate_inference_cache(batch_size, device)
+
+    # -- generate() -----------------------------------------------------------------------------------------
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # our cache is built by the prefill (prepare_inputs_for_generation), not a DynamicCache
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, cache: BlockStateCache | None = None,
+                                      attention_mask: torch.Tensor | None = None, use_cache: bool = True,
+                                      **kwargs) -> dict:
+        if cache is not None and int(cache.position.max()) > 0:
+            # the cache has consumed everything but the newest token
+            return {"input_ids": input_ids[:, -1:], "cache": cache, "use_cache": True}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}
+
+
+@dataclass
+class BlockStateCausalLMOutput(CausalLMOutput):
+    """CausalLMOutput plus the streaming cache (``cache``) when one was asked for."""
+
+    cache: BlockStateCache | None = None
+
+
+def padding_runs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) mask -> (start, length) of each row's single run of real tokens; one clear error otherwise."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    if bool((lengths == 0).any()):
+        raise ValueError("attention_mask has a row with no tokens: every row needs at least one real token")
+    starts = mask.int().argmax(1)
+    t = torch.arange(mask.shape[1], device=mask.device)[None, :]
+    if not torch.equal(mask, (t >= starts[:, None]) & (t < (starts + lengths)[:, None])):
+        raise ValueError("attention_mask must mark one contiguous run of real tokens per row (left or right padding)")
+    return starts, lengths
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

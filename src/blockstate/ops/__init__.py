@@ -2,7 +2,16 @@
 
 from blockstate.ops.fftconv import causal_conv_reference, fft_causal_conv, fft_size
 from blockstate.ops.implicit import decay_rates, exponential_decay, positional_features, squash_smooth
-from blockstate.ops.s4d import s4d_discretize, s4d_init, s4d_kernel, s4d_kernel_reference, s4d_step
+from blockstate.ops.s4d import (
+    s4d_discretize,
+    s4d_final_state,
+    s4d_init,
+    s4d_kernel,
+    s4d_kernel_reference,
+    s4d_state_response,
+    s4d_step,
+    s4d_vandermonde,
+)
 
 __all__ = [
     "causal_conv_reference",
@@ -12,9 +21,12 @@ __all__ = [
     "fft_size",
     "positional_features",
     "s4d_discretize",
+    "s4d_final_state",
     "s4d_init",
     "s4d_kernel",
     "s4d_kernel_reference",
+    "s4d_state_response",
     "s4d_step",
+    "s4d_vandermonde",
     "squash_smooth",
 ]

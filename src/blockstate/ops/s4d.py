@@ -74,15 +74,42 @@ def _chunk(length: int) -> int:
     return 1 << max(0, (math.isqrt(max(length, 1)) - 1).bit_length())  # power of two near sqrt(L)
 
 
+def _dta(log_dt: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and imaginary parts of dt * A, (h, m), fp32."""
+    dt = log_dt.float().exp().unsqueeze(-1)
+    return -dt * log_a_real.float().exp(), dt * a_imag.float()
+
+
+def s4d_vandermonde(
+    coef_re: torch.Tensor, coef_im: torch.Tensor, dta_re: torch.Tensor, dta_im: torch.Tensor, length: int
+) -> torch.Tensor:
+    """2 Re(sum_n coef_n exp(dtA_n l)) for l < length: (..., h, m) coefficients -> (..., h, length).
+
+    With l = q*c + r only exp(dtA q c) and exp(dtA r) are evaluated, (h, m, L/c + c) transcendentals, and the
+    sum over modes is one real matmul: Re(P R) = Pr Rr - Pi Ri.
+    """
+    step = _chunk(length)
+    blocks = -(-length // step)
+    r = torch.arange(step, device=dta_re.device, dtype=torch.float32)
+    q = torch.arange(blocks, device=dta_re.device, dtype=torch.float32) * step
+    mag_r, ang_r = (dta_re.unsqueeze(-1) * r).exp(), dta_im.unsqueeze(-1) * r
+    pow_r = torch.cat([mag_r * ang_r.cos(), mag_r * ang_r.sin()], dim=-2)  # (h, 2m, step)
+    mag_q, ang_q = (dta_re.unsqueeze(-1) * q).exp(), dta_im.unsqueeze(-1) * q
+    z_re, z_im = mag_q * ang_q.cos(), mag_q * ang_q.sin()  # (h, m, blocks)
+    p_re = coef_re.unsqueeze(-1) * z_re - coef_im.unsqueeze(-1) * z_im
+    p_im = coef_re.unsqueeze(-1) * z_im + coef_im.unsqueeze(-1) * z_re
+    lhs = torch.cat([p_re, -p_im], dim=-2).transpose(-1, -2)  # (..., h, blocks, 2m)
+    k = 2 * torch.matmul(lhs, pow_r)  # (..., h, blocks, step)
+    return k.flatten(-2)[..., :length]
+
+
 def s4d_kernel(
     log_dt: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, c: torch.Tensor, length: int
 ) -> torch.Tensor:
     """The (h, length) convolution kernel K_l = 2 Re(sum_n C_n Bbar_n Abar_n^l), fp32 (see module doc)."""
     with torch.autocast(device_type=log_dt.device.type, enabled=False):
-        dt = log_dt.float().exp().unsqueeze(-1)  # (h, 1)
-        a_re = -log_a_real.float().exp()
-        a_im = a_imag.float()
-        dta_re, dta_im = dt * a_re, dt * a_im  # (h, m)
+        dta_re, dta_im = _dta(log_dt, log_a_real, a_imag)
+        a_re, a_im = -log_a_real.float().exp(), a_imag.float()
         # C' = C * Bbar with Bbar = (exp(dt A) - 1) / A, all in real arithmetic on (h, m)
         e = dta_re.exp()
         ab_re, ab_im = e * dta_im.cos() - 1, e * dta_im.sin()
@@ -90,26 +117,44 @@ def s4d_kernel(
         bb_re = (ab_re * a_re + ab_im * a_im) / den
         bb_im = (ab_im * a_re - ab_re * a_im) / den
         c_re, c_im = c[..., 0].float(), c[..., 1].float()
-        cb_re = c_re * bb_re - c_im * bb_im
-        cb_im = c_re * bb_im + c_im * bb_re
+        return s4d_vandermonde(c_re * bb_re - c_im * bb_im, c_re * bb_im + c_im * bb_re, dta_re, dta_im, length)
 
-        step = _chunk(length)
-        blocks = -(-length // step)
-        r = torch.arange(step, device=log_dt.device, dtype=torch.float32)
-        q = torch.arange(blocks, device=log_dt.device, dtype=torch.float32) * step
-        # Abar^r, (h, m, step)
-        mag_r = (dta_re.unsqueeze(-1) * r).exp()
-        ang_r = dta_im.unsqueeze(-1) * r
-        pow_r = torch.cat([mag_r * ang_r.cos(), mag_r * ang_r.sin()], dim=1)  # (h, 2m, step)
-        # C' Abar^(q step), (h, blocks, m)
-        mag_q = (dta_re.unsqueeze(-1) * q).exp()
-        ang_q = dta_im.unsqueeze(-1) * q
-        z_re, z_im = mag_q * ang_q.cos(), mag_q * ang_q.sin()
-        p_re = cb_re.unsqueeze(-1) * z_re - cb_im.unsqueeze(-1) * z_im
-        p_im = cb_re.unsqueeze(-1) * z_im + cb_im.unsqueeze(-1) * z_re
-        lhs = torch.cat([p_re, -p_im], dim=1).transpose(1, 2)  # (h, blocks, 2m)
-        k = 2 * torch.bmm(lhs, pow_r)  # Re(P R) = Pr Rr - Pi Ri, (h, blocks, step)
-        return k.reshape(k.shape[0], blocks * step)[:, :length]
+
+def s4d_state_response(
+    log_dt: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, c: torch.Tensor, x0: torch.Tensor,
+    length: int,
+) -> torch.Tensor:
+    """Output contribution of an initial state x0 (B, h, m) complex over the next ``length`` steps with zero
+    input: 2 Re(C Abar^(l+1) x0), (B, h, length). Added to a chunk's convolution it continues a stream."""
+    with torch.autocast(device_type=log_dt.device.type, enabled=False):
+        dta_re, dta_im = _dta(log_dt, log_a_real, a_imag)
+        abar = torch.complex(dta_re, dta_im).exp()
+        coef = torch.view_as_complex(c.float().contiguous()) * abar * x0
+        return s4d_vandermonde(coef.real, coef.imag, dta_re, dta_im, length)
+
+
+def s4d_final_state(
+    log_dt: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, u: torch.Tensor,
+    x0: torch.Tensor | None = None, chunk: int = 256,
+) -> torch.Tensor:
+    """State after reading u (B, h, T) from x0 (default zero): Abar^T x0 + sum_s Abar^(T-1-s) Bbar u_s.
+
+    This hands a parallel prefill over to the recurrence. Chunked over time so memory stays (h, m, chunk).
+    """
+    with torch.autocast(device_type=log_dt.device.type, enabled=False):
+        dta_re, dta_im = _dta(log_dt, log_a_real, a_imag)
+        dta = torch.complex(dta_re, dta_im)
+        a = torch.complex(-log_a_real.float().exp(), a_imag.float())
+        bbar = (dta.exp() - 1) / a
+        total = u.shape[-1]
+        state = torch.zeros(u.shape[0], *dta.shape, dtype=torch.complex64, device=u.device)
+        for start in range(0, total, chunk):
+            piece = u[..., start : start + chunk].float()
+            lags = (total - 1 - torch.arange(start, start + piece.shape[-1], device=u.device)).float()
+            powers = (dta.unsqueeze(-1) * lags).exp()  # (h, m, chunk)
+            state = state + torch.einsum("bhs,hms->bhm", piece.to(powers.dtype), powers)
+        state = state * bbar
+        return state if x0 is None else state + (dta * total).exp() * x0
 
 
 def s4d_kernel_reference(

@@ -1,0 +1,93 @@
+"""Inference caches: what each layer keeps between tokens when it runs as a recurrence.
+
+Constant memory per layer for S4D kernels: the current block's keys/values (and the previous block's with
+``attend_previous_block``), the context states' keys/values, and the SSM state. Unstructured kernels keep the
+input history instead (exact incremental convolution), which grows with the context.
+
+Each row of a batch has its own position (prompts of different lengths), so a row's place inside its block is
+``position % W`` and every operation below is per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class LayerCache:
+    """One layer's streaming state. Buffers are allocated lazily by the layer that owns them."""
+
+    keys: torch.Tensor | None = None  # (B, H, cap, d) current block, before RoPE; cap grows up to W
+    values: torch.Tensor | None = None
+    prev_keys: torch.Tensor | None = None  # previous block (attend_previous_block)
+    prev_values: torch.Tensor | None = None
+    context_keys: torch.Tensor | None = None  # aligned: (B, H, cap, d); states (MF): (B, H, S, d)
+    context_values: torch.Tensor | None = None
+    ssm_state: torch.Tensor | None = None  # S4D: (B, D*C, N/2) complex
+    history: torch.Tensor | None = None  # other kernels: (B, D, cap) inputs so far, row-aligned at 0
+    kernel: torch.Tensor | None = None  # other kernels: (D, C, cap), generated once per capacity
+    last_output: torch.Tensor | None = None  # MF: (B, D, S) SSM output at the previous position
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` to every per-row tensor (all but the kernel, which has no batch dimension)."""
+        for name, value in self.tensors().items():
+            if name != "kernel":
+                setattr(self, name, fn(value))
+
+
+@dataclass
+class BlockStateCache:
+    """The model's cache: every layer's state plus each row's position. Works with ``generate()`` (beam search
+    reorders it through ``reorder_cache``)."""
+
+    position: torch.Tensor  # (B,) tokens consumed per row
+    layers: list[LayerCache] = field(default_factory=list)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.position.max()) if self.position.numel() else 0
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.index_select(beam_idx)
+
+    def index_select(self, index: torch.Tensor) -> None:
+        self.position = self.position.index_select(0, index.to(self.position.device))
+        for layer in self.layers:
+            layer.map_batch(lambda t: t.index_select(0, index.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.position = self.position.repeat_interleave(repeats, 0)
+        for layer in self.layers:
+            layer.map_batch(lambda t: t.repeat_interleave(repeats, 0))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors().values())
+
+
+def grow(buffer: torch.Tensor | None, shape: tuple[int, ...], needed: int, limit: int | None, dim: int,
+         dtype: torch.dtype, device) -> torch.Tensor:
+    """Return ``buffer`` with at least ``needed`` slots along ``dim`` (doubling, capped at ``limit``)."""
+    current = 0 if buffer is None else buffer.shape[dim]
+    if current >= needed:
+        return buffer
+    capacity = max(needed, 2 * current, 16)
+    if limit is not None:
+        capacity = min(capacity, limit)
+    new_shape = list(shape)
+    new_shape[dim] = capacity
+    out = torch.zeros(new_shape, dtype=dtype, device=device)
+    if buffer is not None:
+        out.narrow(dim, 0, current).copy_(buffer)
+    return out
+
+
+def gather_positions(x: torch.Tensor, starts: torch.Tensor, count: int) -> torch.Tensor:
+    """x (B, T, ...) -> (B, count, ...): row b's positions starts[b] .. starts[b] + count - 1, clamped into
+    [0, T - 1] (callers mask the slots that fall outside)."""
+    index = (starts[:, None] + torch.arange(count, device=x.device)[None, :]).clamp(0, x.shape[1] - 1)
+    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
