@@ -94,3 +94,21 @@ def test_bad_attention_mask():
         model(torch.ones(1, 5, dtype=torch.long), attention_mask=torch.tensor([[1, 0, 1, 1, 1]]))
     with pytest.raises(ValueError, match="no tokens"):
         model(torch.ones(1, 5, dtype=torch.long), attention_mask=torch.zeros(1, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)
+@pytest.mark.parametrize("previous", [False, True])
+def test_segment_streaming_equals_one_long_pass(variant, kernel, previous):
+    """A long document scored in chunks with the SSM state and block cache carried equals one parallel pass:
+    block-aligned chunks run in parallel mode, others fall back to token-by-token decoding."""
+    model = build(variant, kernel, attend_previous_block=previous)
+    ids = torch.randint(0, 61, (2, 90))
+    with torch.no_grad():
+        ref = model(ids).logits
+        cache, outs, start = None, [], 0
+        for size in (16, 24, 8, 5, 3, 16, 18):  # parallel, parallel, parallel, steps, steps, parallel, parallel
+            out = model(ids[:, start : start + size], cache=cache, use_cache=True)
+            cache, start = out.cache, start + size
+            outs.append(out.logits)
+    assert start == 90
+    assert (torch.cat(outs, 1) - ref).abs().max() < 1e-4

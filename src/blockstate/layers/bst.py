@@ -57,18 +57,21 @@ class ContextStates(nn.Module):
             init.normal_(self.initial_context, 0.0, 1.0)  # comparable to the SSM outputs it stands in for
             init.normal_(self.context_ids, 0.0, std)
 
-    def forward(self, u: torch.Tensor, cache: LayerCache | None = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.ssm(u)  # (B, D, C, L), fp32
-        if cache is not None:  # prefill: hand the SSM over to the recurrence at position lengths[b]
-            self.ssm.fill_cache(cache, u, lengths)
+    def forward(self, u: torch.Tensor, cache: LayerCache | None = None, lengths: torch.Tensor | None = None,
+                start: int = 0) -> torch.Tensor:
+        """u (B, L, D) -> context states. With ``cache``: prefill (start = 0) or, for start > 0, continue a
+        stream the cache has read ``start`` tokens of (block-aligned), then keep the state for what follows."""
+        y = self.ssm(u, cache, start)  # (B, D, C, L), fp32
+        previous = cache.last_output if (cache is not None and start > 0 and self.variant == "mf") else None
+        if cache is not None:  # hand the SSM over to the recurrence at position start + lengths[b]
+            self.ssm.fill_cache(cache, u, lengths, start)
             if self.variant == "mf":
                 cache.last_output = y[torch.arange(y.shape[0], device=y.device), :, :, lengths - 1]
         if self.variant == "sh":
             return y[:, :, 0].transpose(1, 2)
         if self.variant == "mh":
             return y.permute(0, 3, 2, 1)
-        return self.block_summaries(y)
+        return self.block_summaries(y, previous)
 
     @torch.no_grad()
     def step(self, u: torch.Tensor, cache: LayerCache, position: torch.Tensor) -> torch.Tensor:
@@ -88,13 +91,17 @@ class ContextStates(nn.Module):
         cache.last_output = y
         return states + self.context_ids.float()
 
-    def block_summaries(self, y: torch.Tensor) -> torch.Tensor:
+    def block_summaries(self, y: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
         """MF: (B, D, S, L) -> (B, nb, S, D). Block k gets the outputs at position k*W - 1; block 0 the learned
-        initial context. Only complete blocks before the last one are summarised, so padding never leaks in."""
+        initial context, or ``previous`` (B, D, S), the outputs just before a continued chunk. Only complete
+        blocks before the last one are summarised, so padding never leaks in."""
         bsz, length = y.shape[0], y.shape[-1]
         nb = num_blocks(length, self.block_size)
         ends = y[..., self.block_size - 1 :: self.block_size][..., : nb - 1]  # (B, D, S, nb-1)
-        first = self.initial_context.float().expand(bsz, 1, -1, -1)
+        if previous is None:
+            first = self.initial_context.float().expand(bsz, 1, -1, -1)
+        else:
+            first = previous.transpose(1, 2).unsqueeze(1)
         states = torch.cat([first, ends.permute(0, 3, 2, 1)], dim=1)
         return states + self.context_ids.float()
 
@@ -118,12 +125,16 @@ class BlockTransformerLayer(nn.Module):
         self.attention.out._residual_output = True  # depth-scaled init (BlockStatePreTrainedModel)
         self.ffn.down._residual_output = True
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, L, D). With ``cache`` (prefill), also keep what decoding needs; row b holds lengths[b] tokens."""
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, lengths: torch.Tensor | None = None,
+                start: int = 0) -> torch.Tensor:
+        """x (B, L, D). With ``cache``, also keep what decoding needs (row b holds lengths[b] real tokens); with
+        start > 0, continue the stream the cache has read ``start`` tokens of (start a multiple of W)."""
         u = self.norm(x)
-        context = self.context(u, cache, lengths) if self.context is not None else None
-        x = x + self.attention(u, context)
+        context = self.context(u, cache, lengths, start) if self.context is not None else None
+        past = None
+        if start > 0 and self.attention.attend_previous_block:  # at a block start "current" is the last block
+            past = (cache.keys[:, :, : self.attention.block_size], cache.values[:, :, : self.attention.block_size])
+        x = x + self.attention(u, context, past_kv=past)
         if cache is not None:
             self.attention.fill_cache(cache, u, context, lengths)
         return x + self.ffn(self.ffn_norm(x))

@@ -29,6 +29,7 @@ from blockstate.ops import (
     s4d_final_state,
     s4d_init,
     s4d_kernel,
+    s4d_state_response,
     s4d_step,
     squash_smooth,
 )
@@ -177,9 +178,20 @@ class LongConvSSM(nn.Module):
     def init_parameters(self, std: float = 0.02) -> None:
         init.normal_(self.skip, 0.0, 1.0)
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        k = self.kernel(u.shape[1])
-        return fft_causal_conv(u.transpose(1, 2), k, self.skip)
+    def forward(self, u: torch.Tensor, carry=None, start: int = 0) -> torch.Tensor:
+        """u (B, L, D) -> y (B, D, C, L). With ``carry`` (a LayerCache that has read ``start`` earlier tokens of
+        every row), continue that stream: S4D adds the carried state's response, other kernels convolve over the
+        kept history too. Exact: equal to one pass over the whole stream."""
+        length = u.shape[1]
+        if carry is None or start == 0:
+            return fft_causal_conv(u.transpose(1, 2), self.kernel(length), self.skip)
+        if self.recurrent:
+            k = self.kernel
+            y = fft_causal_conv(u.transpose(1, 2), k(length), self.skip)
+            response = s4d_state_response(k.log_dt, k.log_a_real, k.a_imag, k.c, carry.ssm_state, length)
+            return y + response.view(u.shape[0], self.channels, self.filters, length)
+        whole = torch.cat([carry.history[..., :start], u.transpose(1, 2).float()], dim=-1)
+        return fft_causal_conv(whole, self.kernel(whole.shape[-1]), self.skip)[..., start:]
 
     # -- streaming ------------------------------------------------------------------------------------------
     @property
@@ -192,9 +204,9 @@ class LongConvSSM(nn.Module):
         return u.repeat_interleave(self.filters, dim=1) if self.filters > 1 else u
 
     @torch.no_grad()
-    def fill_cache(self, cache, u: torch.Tensor, lengths: torch.Tensor) -> None:
-        """After a parallel pass over u (B, T, D) with lengths[b] real tokens per row, keep the SSM state (S4D)
-        or the input history (other kernels) at position lengths[b]."""
+    def fill_cache(self, cache, u: torch.Tensor, lengths: torch.Tensor, start: int = 0) -> None:
+        """After a parallel pass over u (B, T, D) with lengths[b] real tokens per row (following ``start``
+        tokens already in the cache), keep the SSM state (S4D) or the input history (other kernels)."""
         bsz, total = u.shape[0], u.shape[1]
         t = torch.arange(total, device=u.device)
         if self.recurrent:
@@ -204,11 +216,14 @@ class LongConvSSM(nn.Module):
             aligned = aligned * (index >= 0)[..., None]
             k = self.kernel
             inputs = self._per_filter(aligned.transpose(1, 2))
-            cache.ssm_state = s4d_final_state(k.log_dt, k.log_a_real, k.a_imag, inputs)
+            x0 = cache.ssm_state if start > 0 else None
+            cache.ssm_state = s4d_final_state(k.log_dt, k.log_a_real, k.a_imag, inputs, x0=x0)
         else:
             history = (u * (t[None, :] < lengths[:, None])[..., None]).transpose(1, 2).float()
-            cache.history = grow(None, (bsz, self.channels, total), total, None, 2, torch.float32, u.device)
-            cache.history[..., :total] = history
+            old = cache.history if start > 0 else None
+            cache.history = grow(old, (bsz, self.channels, start + total), start + total, None, 2, torch.float32,
+                                 u.device)
+            cache.history[..., start : start + total] = history
             cache.kernel = self.kernel(cache.history.shape[-1]).detach()
 
     @torch.no_grad()

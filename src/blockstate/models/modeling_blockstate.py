@@ -84,13 +84,19 @@ class BlockStateModel(BlockStatePreTrainedModel):
         if inputs_embeds is None:
             check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
-        if cache is not None and lengths is None:
-            lengths = torch.full((inputs_embeds.shape[0],), inputs_embeds.shape[1], device=inputs_embeds.device)
+        start = 0
+        if cache is not None:
+            start = int(cache.position.max())
+            if lengths is None:
+                lengths = torch.full((inputs_embeds.shape[0],), inputs_embeds.shape[1], device=inputs_embeds.device)
+            if start and (bool((cache.position != start).any()) or start % self.config.block_size):
+                raise ValueError("a parallel continuation must start on a block boundary at the same position in "
+                                 "every row; decode token by token otherwise")
         x = self.dropout(inputs_embeds)
         for i, layer in enumerate(self.layers):
-            x = layer(x, None if cache is None else cache.layers[i], lengths)
+            x = layer(x, None if cache is None else cache.layers[i], lengths, start)
         if cache is not None:
-            cache.position = lengths.clone()
+            cache.position = start + lengths
         return BaseModelOutput(last_hidden_state=self.norm(x))
 
     def allocate_inference_cache(self, batch_size: int, device: torch.device | None = None) -> BlockStateCache:
@@ -155,7 +161,7 @@ class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
         that has seen tokens, recurrent decoding of ``input_ids`` one token at a time (equal to the parallel
         forward over the whole stream). ``attention_mask`` (B, L) marks one contiguous run of real tokens per row
         (left or right padding); each row is computed as if it stood alone."""
-        if cache is not None and int(cache.position.max()) > 0:
+        if cache is not None and int(cache.position.max()) > 0 and not self._continues_in_parallel(cache, input_ids):
             if input_ids is None:
                 raise ValueError("decoding with a cache needs input_ids")
             check_input_ids(input_ids, self.config.vocab_size)
@@ -171,6 +177,8 @@ class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
             starts, lengths = padding_runs(attention_mask)
             input_ids = gather_positions(input_ids, starts, input_ids.shape[1])  # real tokens first
             input_ids = input_ids * (torch.arange(input_ids.shape[1], device=input_ids.device) < lengths[:, None])
+        if cache is not None and int(cache.position.max()) > 0 and starts is not None:
+            raise ValueError("attention_mask padding is only supported for the first (prefill) call")
         if use_cache and cache is None:
             batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             cache = self.model.allocate_inference_cache(batch)
@@ -183,6 +191,14 @@ class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
             logits = gather_positions(logits, -starts, logits.shape[1]) * real[..., None]
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache or cache else None)
+
+    def _continues_in_parallel(self, cache: BlockStateCache, input_ids: torch.Tensor | None) -> bool:
+        """A chunk of at least one block that starts on a block boundary in every row runs in parallel mode with
+        the carried state (segment streaming); anything else is decoded token by token. Both are exact."""
+        w = self.config.block_size
+        pos = cache.position
+        return (input_ids is not None and input_ids.shape[1] >= w and bool((pos == pos[0]).all())
+                and int(pos[0]) % w == 0)
 
     def allocate_inference_cache(self, batch_size: int, device: torch.device | None = None) -> BlockStateCache:
         """An empty cache for ``batch_size`` streams (one inference interface for every layer)."""
