@@ -51,3 +51,38 @@ def test_sampling_options_and_eos(model):
     first = model.generate(ids[:1], max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1].item()
     stopped = model.generate(ids[:1], max_new_tokens=8, do_sample=False, eos_token_id=first, pad_token_id=0)
     assert stopped.shape[1] == 7  # stops right after emitting EOS
+
+
+def test_stream_ids_greedy_equals_generate_and_fallback(model):
+    from blockstate.generation import SamplingConfig, stream_ids
+
+    prompt = torch.randint(1, 61, (9,)).tolist()
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0)
+    streamed = list(stream_ids(model, prompt, cfg))
+    hf = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert streamed == hf[0, 9:].tolist()
+
+    class NoCache(torch.nn.Module):  # any causal LM without a streaming cache: parallel fallback
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner(ids)
+
+    assert list(stream_ids(NoCache(model), prompt, cfg)) == streamed
+
+
+def test_sampling_filters():
+    from blockstate.generation import SamplingConfig, next_token
+
+    logits = torch.tensor([0.0, 5.0, 4.9, -1.0])
+    gen = torch.Generator().manual_seed(0)
+    picks = {next_token(logits, torch.tensor([], dtype=torch.long), SamplingConfig(top_k=2), gen) for _ in range(50)}
+    assert picks == {1, 2}
+    picks = {next_token(logits, torch.tensor([], dtype=torch.long), SamplingConfig(top_p=0.1), gen) for _ in range(20)}
+    assert picks == {1}
+    greedy = SamplingConfig(temperature=0, repetition_penalty=2.0)
+    assert next_token(logits, torch.tensor([1]), greedy, gen) == 2  # 5.0 / 2 < 4.9
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=1.5).validate()

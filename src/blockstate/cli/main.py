@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "presets": "blockstate.cli.presets",
     "demo": "blockstate.cli.demo",
+    "bench": "blockstate.cli.bench",
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, OSError)

@@ -1,0 +1,28 @@
+"""``blockstate bench generate``: benchmarks that print tables and write JSON/PNG."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="speed and memory benchmarks (tables + JSON + PNG)")
+    kinds = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    from blockstate.benchmarks import generation
+
+    g = kinds.add_parser("generate", help="per-token generation latency and cache memory vs context length")
+    generation.add_arguments(g)
+    g.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from blockstate.benchmarks import generation
+
+    try:
+        contexts = [int(c) for c in args.contexts.split(",") if c]
+    except ValueError:
+        raise ValueError(f"--contexts must be comma-separated integers, got {args.contexts!r}") from None
+    if not contexts or min(contexts) < 1:
+        raise ValueError("--contexts needs at least one positive length")
+    generation.run(contexts, args.size, args.steps, args.repeats, args.device, args.out)
+    return 0
