@@ -1,4 +1,4 @@
-"""Shared bits of the data package: the error type, read statistics, cache directory and small file helpers."""
+"""Shared bits of the data package: the error type, read statistics, cache directory, file helpers."""
 
 from __future__ import annotations
 
@@ -69,8 +69,9 @@ class ReadStats:
         return cls(**{k: int(v) for k, v in d.items() if k in names})
 
     def summary(self) -> str:
-        parts = [f"{v} {k.replace('_', ' ')}" for k, v in self.to_dict().items() if v and k != "documents"]
-        return f"{self.documents} documents" + (f" ({', '.join(parts)})" if parts else "")
+        """E.g. ``"1716 documents, 28 empty, 4 invalid utf8"`` (zero counts left out)."""
+        parts = [f"{v} {k.replace('_', ' ')}" for k, v in self.to_dict().items() if v]
+        return ", ".join(parts) or "nothing"
 
 
 def default_cache_dir() -> Path:

