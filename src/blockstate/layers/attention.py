@@ -96,11 +96,17 @@ class BlockAttention(nn.Module):
         p = self.attention_dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
 
-    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def _rope(self, x: torch.Tensor, start: int, step: int = 1) -> torch.Tensor:
+        """Rotate x (..., T, d) to positions start, start + step, ... (step 0: all by ``start``)."""
         if not self.rope:
             return x
-        positions = torch.arange(start, start + x.shape[-2], device=x.device)
+        positions = start + step * torch.arange(x.shape[-2], device=x.device)
         return apply_rope(x, *rope_cos_sin(positions, self.head_dim, self.rope_theta))
+
+    def block_past(self, cache: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache's current (finished) block as ``past_kv`` for a parallel continuation: keys un-rotated."""
+        w = self.block_size
+        return self._rope(cache.keys[:, :, :w], 0, step=-1), cache.values[:, :, :w]
 
     def context_keys_values(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the context states, laid out like the states: (..., H, d) each."""
@@ -202,11 +208,11 @@ class BlockAttention(nn.Module):
             # a row at a block start keeps its finished block as "current": the next step moves it to "previous"
             own = torch.where((phase == 0) & (lengths > 0), base - w, base)
             k, v = self.qkv(gather_positions(h, own - w, w))[..., self.dim :].chunk(2, dim=-1)
-            cache.prev_keys, cache.prev_values = self._split_heads(k), self._split_heads(v)
+            cache.prev_keys, cache.prev_values = self._rope(self._split_heads(k), -w), self._split_heads(v)
         else:
             own = base
         k, v = self.qkv(gather_positions(h, own, cap))[..., self.dim :].chunk(2, dim=-1)
-        cache.keys.copy_(self._split_heads(k))
+        cache.keys.copy_(self._rope(self._split_heads(k), 0))
         cache.values.copy_(self._split_heads(v))
         if self.context == "aligned":
             kc, vc = self.context_keys_values(gather_positions(context, base, cap))
@@ -234,24 +240,24 @@ class BlockAttention(nn.Module):
                 shape = (bsz, self.num_heads, w, self.head_dim)
                 cache.prev_keys, cache.prev_values = h.new_zeros(shape), h.new_zeros(shape)
             self._grow_block(cache, bsz, w, h)
-            moving = starts.view(-1, 1, 1, 1)  # the finished block becomes the previous block
-            cache.prev_keys = torch.where(moving, cache.keys, cache.prev_keys)
+            moving = starts.view(-1, 1, 1, 1)  # the finished block becomes the previous block, W positions back
+            if bool(starts.any()):
+                cache.prev_keys = torch.where(moving, self._rope(cache.keys, -w, step=0), cache.prev_keys)
             cache.prev_values = torch.where(moving, cache.values, cache.prev_values)
         self._grow_block(cache, bsz, int(phase.max()) + 1, h)
-        cache.keys[rows, :, phase] = k
+        cache.keys[rows, :, phase] = self._rope_at(k, phase)  # keys are kept rotated to their slot
         cache.values[rows, :, phase] = v
 
         cap = cache.keys.shape[2]
         current = torch.arange(cap, device=h.device)[None, :] <= phase[:, None]  # (B, cap)
-        offset = w if self.attend_previous_block else 0
-        q1 = self._rope_at(q, phase + offset)
+        q1 = self._rope_at(q, phase)  # relative to slot-rotated keys; previous-block keys sit at slot - W
         if self.attend_previous_block:
-            keys = self._rope(torch.cat([cache.prev_keys, cache.keys], dim=2), 0)
+            keys = torch.cat([cache.prev_keys, cache.keys], dim=2)
             values = torch.cat([cache.prev_values, cache.values], dim=2)
             previous = (torch.arange(w, device=h.device)[None, :] > phase[:, None]) & (position >= w)[:, None]
             mask = torch.cat([previous, current], dim=1)
         else:
-            keys, values, mask = self._rope(cache.keys, 0), cache.values, current
+            keys, values, mask = cache.keys, cache.values, current
         outs = [F.scaled_dot_product_attention(q1.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :])]
 
         if self.context is not None:

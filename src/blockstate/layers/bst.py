@@ -133,7 +133,7 @@ class BlockTransformerLayer(nn.Module):
         context = self.context(u, cache, lengths, start) if self.context is not None else None
         past = None
         if start > 0 and self.attention.attend_previous_block:  # at a block start "current" is the last block
-            past = (cache.keys[:, :, : self.attention.block_size], cache.values[:, :, : self.attention.block_size])
+            past = self.attention.block_past(cache)
         x = x + self.attention(u, context, past_kv=past)
         if cache is not None:
             self.attention.fill_cache(cache, u, context, lengths)
