@@ -1,9 +1,20 @@
 """blockstate: the Block-State Transformer (Fathi et al., arXiv 2306.09539) in PyTorch.
 
-``import blockstate`` registers BlockStateConfig / BlockStateForCausalLM with the Hugging Face Auto classes.
+``import blockstate`` registers every model with the Hugging Face Auto classes. One registry builds any model,
+BST variants and the paper's baselines alike: ``blockstate.create_model("bst-sh-s4", size="tiny")``.
 """
 
 from blockstate.models import BlockStateConfig, BlockStateForCausalLM, BlockStateModel
+from blockstate.registry import carries_state, create_model, list_models, model_config
 
 __version__ = "0.1.0"
-__all__ = ["BlockStateConfig", "BlockStateForCausalLM", "BlockStateModel", "__version__"]
+__all__ = [
+    "BlockStateConfig",
+    "BlockStateForCausalLM",
+    "BlockStateModel",
+    "__version__",
+    "carries_state",
+    "create_model",
+    "list_models",
+    "model_config",
+]

@@ -15,6 +15,9 @@ SUBCOMMANDS = {
     "presets": "blockstate.cli.presets",
     "demo": "blockstate.cli.demo",
     "bench": "blockstate.cli.bench",
+    "train": "blockstate.cli.train",
+    "eval": "blockstate.cli.eval",
+    "models": "blockstate.cli.models",
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, OSError)

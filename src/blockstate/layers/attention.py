@@ -76,6 +76,7 @@ class BlockAttention(nn.Module):
                 self.kv_cross = nn.Linear(dim, 2 * dim, bias=False)
         self.out = nn.Linear(dim * (2 if context else 1), dim, bias=False)
         self.dropout = nn.Dropout(dropout)
+        self.init_parameters(0.02)  # usable standalone; a PreTrainedModel re-initialises with its own std
 
     @torch.no_grad()
     def init_parameters(self, std: float) -> None:

@@ -50,6 +50,7 @@ class ContextStates(nn.Module):
         if self.variant == "mf":
             self.initial_context = nn.Parameter(torch.empty(filters, dim))
             self.context_ids = nn.Parameter(torch.empty(filters, dim))
+        self.init_parameters(config.initializer_range)
 
     @torch.no_grad()
     def init_parameters(self, std: float) -> None:

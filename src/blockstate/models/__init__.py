@@ -1,7 +1,18 @@
-"""Configs, Hugging Face wrappers, presets."""
+"""Configs, Hugging Face wrappers and presets: the BST model and the paper's baselines (spec section 8)."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from blockstate.models.baselines import (
+    BlockRecurrentForCausalLM,
+    BlockTransformerForCausalLM,
+    GatedStateSpaceForCausalLM,
+    GatedStateSpaceModel,
+)
+from blockstate.models.configuration_baselines import (
+    BlockRecurrentConfig,
+    BlockTransformerConfig,
+    GatedStateSpaceConfig,
+)
 from blockstate.models.configuration_blockstate import BlockStateConfig, default_bst_layers
 from blockstate.models.modeling_blockstate import (
     BlockStateForCausalLM,
@@ -10,20 +21,37 @@ from blockstate.models.modeling_blockstate import (
     causal_lm_loss,
 )
 from blockstate.models.presets import SIZES, count_parameters, parameter_table, preset_config
+from blockstate.models.stateful import SegmentCarry, SegmentLMOutput, map_carry
 
 AutoConfig.register(BlockStateConfig.model_type, BlockStateConfig, exist_ok=True)
 AutoModel.register(BlockStateConfig, BlockStateModel, exist_ok=True)
 AutoModelForCausalLM.register(BlockStateConfig, BlockStateForCausalLM, exist_ok=True)
+for _config, _model in ((BlockTransformerConfig, BlockTransformerForCausalLM),
+                        (BlockRecurrentConfig, BlockRecurrentForCausalLM),
+                        (GatedStateSpaceConfig, GatedStateSpaceForCausalLM)):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _model, exist_ok=True)
+AutoModel.register(GatedStateSpaceConfig, GatedStateSpaceModel, exist_ok=True)
 
 __all__ = [
+    "SIZES",
+    "BlockRecurrentConfig",
+    "BlockRecurrentForCausalLM",
     "BlockStateConfig",
     "BlockStateForCausalLM",
     "BlockStateModel",
     "BlockStatePreTrainedModel",
-    "SIZES",
+    "BlockTransformerConfig",
+    "BlockTransformerForCausalLM",
+    "GatedStateSpaceConfig",
+    "GatedStateSpaceForCausalLM",
+    "GatedStateSpaceModel",
+    "SegmentCarry",
+    "SegmentLMOutput",
     "causal_lm_loss",
     "count_parameters",
+    "default_bst_layers",
+    "map_carry",
     "parameter_table",
     "preset_config",
-    "default_bst_layers",
 ]

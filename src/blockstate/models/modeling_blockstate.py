@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from blockstate.layers import BlockTransformerLayer, BSTLayer, RMSNorm
 from blockstate.layers.cache import BlockStateCache, gather_positions
+from blockstate.layers.recurrent import BlockRecurrentLayer
 from blockstate.models.configuration_blockstate import BlockStateConfig
 
 
@@ -61,10 +62,7 @@ class BlockStateModel(BlockStatePreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        bst = set(config.bst_layers)
-        self.layers = nn.ModuleList(
-            BSTLayer(config) if i in bst else BlockTransformerLayer(config) for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(build_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
@@ -114,6 +112,16 @@ class BlockStateModel(BlockStatePreTrainedModel):
         return self.norm(x)
 
 
+def build_layer(config: BlockStateConfig, index: int) -> nn.Module:
+    """The layout is config data: ``bst_layers`` are BST layers, ``recurrent_layers`` (the Block-Recurrent
+    baseline) walk their blocks in sequence, the rest are plain Block Transformer layers."""
+    if index in getattr(config, "recurrent_layers", ()):
+        return BlockRecurrentLayer(config)
+    if index in config.bst_layers:
+        return BSTLayer(config)
+    return BlockTransformerLayer(config)
+
+
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """One clear error instead of an index error (or a CUDA device assert) deep inside the embedding."""
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
@@ -134,6 +142,7 @@ class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    carries_state = False  # see blockstate.registry: stateful baselines carry segments through ``carry=``
 
     def __init__(self, config: BlockStateConfig):
         super().__init__(config)

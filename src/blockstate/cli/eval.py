@@ -1,0 +1,54 @@
+"""``blockstate eval CHECKPOINT [CHECKPOINT ...]``: token perplexity and bits per byte on a split at several
+evaluation lengths (length generalisation), with a JSON file, a markdown table and two PNGs.
+
+CHECKPOINT is a run directory (its newest checkpoint), a ``checkpoints/step-*`` directory or a
+``save_pretrained`` directory. Lengths are token counts or multiples of the training length:
+``--lengths 512,4096,16384`` or ``--lengths 1x,4x,16x`` (the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction, name: str) -> None:
+    from blockstate.evaluation.runner import DEFAULT_LENGTHS
+
+    p = sub.add_parser(name, help="perplexity and bits per byte at several lengths",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="run or checkpoint directories")
+    p.add_argument("--data", help="corpus (default: each checkpoint's training corpus)")
+    p.add_argument("--split", default="test", help="train, validation or test (default test)")
+    p.add_argument("--lengths", default=DEFAULT_LENGTHS,
+                   help=f"evaluation lengths, tokens or multiples of the training length (default {DEFAULT_LENGTHS})")
+    p.add_argument("--tokenizer", help="override the checkpoint's tokenizer (must have the model's vocabulary)")
+    p.add_argument("--output", help="report directory (default <run>/eval)")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward batch (default 16384)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--cache-dir", help="token cache (default ~/.cache/blockstate)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from blockstate.evaluation.runner import run_evaluation
+
+    if args.batch_tokens < 1:
+        raise ValueError(f"--batch-tokens must be a positive integer, got {args.batch_tokens}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from blockstate.cli.train import _setup_logging
+
+    _setup_logging(False)
+    paths = run_evaluation(args.checkpoints, data=args.data, lengths=args.lengths, split=args.split,
+                           tokenizer=args.tokenizer, output=args.output, batch_tokens=args.batch_tokens,
+                           device=args.device, precision=args.precision, cache_dir=args.cache_dir,
+                           progress=not args.no_progress)
+    print(paths["markdown"].read_text(encoding="utf-8").split("\nProtocol:")[0].strip())
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0

@@ -1,0 +1,23 @@
+"""Evaluation: token perplexity and bits per byte at any length, length generalisation reports, sampling.
+
+The protocol (every token scored once, whole documents, non-overlapping segments) is documented in
+``blockstate.evaluation.evaluate``; ``blockstate eval`` is ``blockstate.cli.eval``.
+"""
+
+from blockstate.evaluation.evaluate import EvalResult, evaluate, head_documents
+from blockstate.evaluation.generate import sample, sample_text
+from blockstate.evaluation.report import PROTOCOL, write_report
+from blockstate.evaluation.runner import load_checkpoint, parse_lengths, run_evaluation
+
+__all__ = [
+    "PROTOCOL",
+    "EvalResult",
+    "evaluate",
+    "head_documents",
+    "load_checkpoint",
+    "parse_lengths",
+    "run_evaluation",
+    "sample",
+    "sample_text",
+    "write_report",
+]

@@ -1,0 +1,128 @@
+"""Configs of the paper's baselines (spec section 8). Each is a ``BlockStateConfig`` minus the BST layers, so the
+shared fields (width, heads, FFN, block size, RoPE, dropouts, SSM kernel settings) mean exactly what they mean for
+BST and the same layers read them; only what a baseline adds is new here.
+
+- ``BlockTransformerConfig``: a plain attention LM. Full causal attention (GPT: ``block_size`` >= any length),
+  sliding window (Slide: ``attend_previous_block``) or Transformer-XL (window = half a training segment), with the
+  last window's keys/values carried across segments when ``carry_state``.
+- ``BlockRecurrentConfig``: the sliding stack plus Block-Recurrent layers (BRecT, Rec:fixed:skip).
+- ``GatedStateSpaceConfig``: GSS layers with a block-attention Transformer layer every few layers (GSS-Hybrid).
+"""
+
+from __future__ import annotations
+
+from blockstate.models.configuration_blockstate import BlockStateConfig
+
+# A block size no sequence reaches: BlockAttention then runs one block of the sequence's own length, which is
+# plain full causal attention with no padding (and its streaming cache grows with the context).
+FULL_ATTENTION = 2**30
+STATE_GATES = ("fixed", "lstm")
+
+
+def _no_bst_layers(kwargs: dict) -> None:
+    if kwargs.get("bst_layers"):
+        raise ValueError(f"bst_layers must be empty for a baseline (got {kwargs['bst_layers']}); use "
+                         "BlockStateConfig for a model with BST layers")
+    kwargs["bst_layers"] = []
+
+
+def _layer_indices(name: str, value: list, num_layers: int) -> list[int]:
+    bad = [i for i in value if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
+    if bad or len(set(value)) != len(value):
+        raise ValueError(f"{name} must be distinct layer indices in [0, {num_layers - 1}] "
+                         f"(num_hidden_layers={num_layers}), got {value}")
+    return sorted(value)
+
+
+class BlockTransformerConfig(BlockStateConfig):
+    """A Block Transformer language model with no SSM anywhere (GPT, Slide, Transformer-XL).
+
+    Args (beyond ``BlockStateConfig``, whose ``bst_layers`` must stay empty and whose SSM fields are unused):
+        carry_state: carry each layer's last W keys/values (no gradient) into the next segment's first block;
+            needs ``attend_previous_block``. The model then follows the segment-carry interface of
+            ``blockstate.registry``.
+    """
+
+    model_type = "block_transformer"
+
+    def __init__(self, carry_state: bool = False, **kwargs):
+        _no_bst_layers(kwargs)
+        self.carry_state = carry_state
+        super().__init__(**kwargs)
+
+    def validate_fields(self) -> None:
+        super().validate_fields()
+        if not isinstance(self.carry_state, bool):
+            raise ValueError(f"carry_state must be True or False, got {self.carry_state!r}")
+        if self.carry_state and not self.attend_previous_block:
+            raise ValueError("carry_state=True needs attend_previous_block=True: the carried keys/values are the "
+                             "previous block of the next segment's first block")
+
+
+class BlockRecurrentConfig(BlockTransformerConfig):
+    """Block-Recurrent Transformer (Hutchins et al. 2022) as the BST paper ran it: Rec:fixed:skip.
+
+    Args (beyond ``BlockTransformerConfig``; ``attend_previous_block`` and ``carry_state`` default to True):
+        recurrent_layers: indices of the recurrent layers; default the third from the top (index -3).
+        num_state_vectors: S, recurrent state vectors (the paper: 512, = W).
+        state_gate: ``"fixed"`` (c' = c*g + z*(1-g), g = sigmoid(b), b learned per channel) or ``"lstm"``
+            (input and forget gates computed from z).
+        state_gate_bias: initial b of the fixed gate (the forget bias of the LSTM gate); positive = remember.
+    """
+
+    model_type = "block_recurrent"
+
+    def __init__(self, recurrent_layers: list[int] | None = None, num_state_vectors: int = 64,
+                 state_gate: str = "fixed", state_gate_bias: float = 2.0, **kwargs):
+        kwargs.setdefault("attend_previous_block", True)
+        kwargs.setdefault("carry_state", True)
+        layers = kwargs.get("num_hidden_layers", 4)
+        self.recurrent_layers = [max(0, layers - 3)] if recurrent_layers is None else list(recurrent_layers)
+        self.num_state_vectors = num_state_vectors
+        self.state_gate = state_gate
+        self.state_gate_bias = state_gate_bias
+        super().__init__(**kwargs)
+
+    def validate_fields(self) -> None:
+        super().validate_fields()
+        if not self.attend_previous_block:
+            raise ValueError("a Block-Recurrent Transformer needs attend_previous_block=True (sliding window)")
+        if isinstance(self.num_state_vectors, bool) or not isinstance(self.num_state_vectors, int) \
+                or self.num_state_vectors < 1:
+            raise ValueError(f"num_state_vectors must be a positive integer, got {self.num_state_vectors!r}")
+        if self.state_gate not in STATE_GATES:
+            raise ValueError(f"state_gate must be one of {list(STATE_GATES)}, got {self.state_gate!r}")
+        self.recurrent_layers = _layer_indices("recurrent_layers", self.recurrent_layers, self.num_hidden_layers)
+        if not self.recurrent_layers:
+            raise ValueError("recurrent_layers must name at least one layer (use BlockTransformerConfig for none)")
+
+
+class GatedStateSpaceConfig(BlockStateConfig):
+    """GSS-Hybrid (Mehta et al. 2022): gated state space layers, a block-attention layer every few layers.
+
+    Args (beyond ``BlockStateConfig``; ``kernel``, ``ssm_state_size``, ``s4d_init``, ``ssm_dt_*`` configure the SSM of
+    every GSS layer; ``intermediate_size`` is the FFN of the attention layers):
+        gss_hidden_size: width F of the gated (wide) branch, default 3 * hidden_size.
+        gss_narrow_size: width of the narrow branch that runs the SSM, default hidden_size // 4.
+        attention_layers: indices of the block-attention Transformer layers; default every fourth layer (3, 7, ...).
+    """
+
+    model_type = "gss_hybrid"
+
+    def __init__(self, gss_hidden_size: int | None = None, gss_narrow_size: int | None = None,
+                 attention_layers: list[int] | None = None, **kwargs):
+        _no_bst_layers(kwargs)
+        hidden, layers = kwargs.get("hidden_size", 256), kwargs.get("num_hidden_layers", 4)
+        self.gss_hidden_size = 3 * hidden if gss_hidden_size is None else gss_hidden_size
+        self.gss_narrow_size = max(1, hidden // 4) if gss_narrow_size is None else gss_narrow_size
+        self.attention_layers = ([i for i in range(layers) if i % 4 == 3] if attention_layers is None
+                                 else list(attention_layers))
+        super().__init__(**kwargs)
+
+    def validate_fields(self) -> None:
+        super().validate_fields()
+        for name in ("gss_hidden_size", "gss_narrow_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.attention_layers = _layer_indices("attention_layers", self.attention_layers, self.num_hidden_layers)

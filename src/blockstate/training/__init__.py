@@ -1,0 +1,30 @@
+"""Training: config, model factory, optimiser and schedules, checkpoints, distributed wrappers, the loop.
+
+Typical use::
+
+    from blockstate.training import TrainConfig, Trainer
+    result = Trainer(TrainConfig(steps=200, output="runs/demo")).run()
+    print(result.test.bpb, result.checkpoint)
+
+The command line is ``blockstate train`` (``blockstate.cli.train``).
+"""
+
+from blockstate.training.config import DEFAULT_TIME_BUDGET_MINUTES, TrainConfig, load_config_file, merge
+from blockstate.training.model_factory import build_model, known_models, parse_bst_name
+from blockstate.training.optim import build_optimizer, group_of_parameters, lr_factor
+from blockstate.training.trainer import Trainer, TrainResult
+
+__all__ = [
+    "DEFAULT_TIME_BUDGET_MINUTES",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "build_model",
+    "build_optimizer",
+    "group_of_parameters",
+    "known_models",
+    "load_config_file",
+    "lr_factor",
+    "merge",
+    "parse_bst_name",
+]

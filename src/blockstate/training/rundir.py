@@ -1,0 +1,138 @@
+"""The run directory: choosing it, checking it is writable, and matching ``--resume`` to the right run.
+
+A run directory holds ``run.json`` (a random run id and the start time), ``metrics.jsonl``, ``checkpoints/``,
+the plots and ``results.json``. Every checkpoint records the run id, so a checkpoint copied into another run's
+directory is refused instead of silently mixing two runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from blockstate.training.checkpoint import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    is_checkpoint,
+    latest_checkpoint,
+    load_trainer_state,
+    output_error,
+    read_json,
+)
+from blockstate.training.config import TrainConfig, identity_mismatches
+
+RUN_FILE = "run.json"
+RUN_FILES = (RUN_FILE, "metrics.jsonl", "results.json", "results.md", "loss_curve.png", "loss_by_position.png",
+             "sample.txt", "train.log")
+
+
+def _slug(text: str) -> str:
+    s = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(text.rstrip("/\\")).name or text)
+    return s.strip("-.") or "data"
+
+
+def holds_run(path: Path) -> bool:
+    return (path / RUN_FILE).is_file() or (path / CHECKPOINTS).is_dir()
+
+
+def default_output(cfg: TrainConfig, root: Path = Path("runs")) -> Path:
+    """``runs/<model>-<size>-<data>``, numbered ``-2``, ``-3``... when taken, so a repeated bare command never
+    touches an earlier run."""
+    base = root / f"{cfg.model}-{cfg.size}-{_slug(cfg.data)}"
+    candidate, n = base, 1
+    while holds_run(candidate):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def check_writable(path: Path, need_bytes: int = 0) -> None:
+    """Create ``path`` and prove it takes a file, so a read-only or full disk fails now, not at step 500."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"--output {path} is a file: pass a directory path")
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except NotADirectoryError:
+        raise
+    except OSError as exc:
+        raise output_error(exc, path, "the run directory") from None
+    free = shutil.disk_usage(path).free
+    if need_bytes and free < need_bytes:
+        raise output_error(OSError(errno.ENOSPC, "no space"), path,
+                           f"checkpoints (about {need_bytes / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free)")
+
+
+def check_fresh(path: Path, overwrite: bool) -> None:
+    """Refuse to start a new run where another one lives, unless ``overwrite``."""
+    if holds_run(path) and not overwrite:
+        ckpt = latest_checkpoint(path)
+        where = f" (last checkpoint {ckpt.name})" if ckpt else ""
+        raise ValueError(f"--output {path} already holds a training run{where}: pass --resume to continue it, "
+                         "--overwrite to start again there, or another --output")
+
+
+def start_run(path: Path, cfg: TrainConfig, overwrite: bool) -> dict[str, Any]:
+    """Prepare a fresh run in ``path``; refuses to mix with an existing run unless ``overwrite``."""
+    check_fresh(path, overwrite)
+    if holds_run(path):
+        # only our own files: a user who pointed --output at a directory of theirs keeps everything else
+        shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
+        shutil.rmtree(path / "tensorboard", ignore_errors=True)
+        for name in RUN_FILES:
+            (path / name).unlink(missing_ok=True)
+    run = {"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": cfg.model,
+           "size": cfg.size, "data": cfg.data}
+    (path / RUN_FILE).write_text(json.dumps(run, indent=1) + "\n")
+    return run
+
+
+def find_resume(resume: str | Path) -> tuple[Path, Path]:
+    """(run directory, newest checkpoint) from a run directory or a checkpoint directory."""
+    path = Path(resume).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {path} does not exist: pass the run directory of an earlier "
+                                "blockstate train (e.g. runs/bst-sh-s4-tiny-python-stdlib)")
+    if is_checkpoint(path) and path.parent.name == CHECKPOINTS:
+        return path.parent.parent, path
+    if not holds_run(path):
+        raise ValueError(f"--resume {path} is not a blockstate run directory (no {RUN_FILE}, no {CHECKPOINTS}/): "
+                         "pass the --output directory of an earlier blockstate train")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume {path}: the run has no complete checkpoint yet (it stopped before the "
+                                "first save): start it again with --overwrite")
+    return path, ckpt
+
+
+def resume_config(run_dir: Path, ckpt: Path, explicit: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """The saved run's config, updated with the explicitly given settings that may change on resume.
+
+    Raises ValueError when a given setting would make it another experiment, or when the checkpoint belongs
+    to another run than the directory's.
+    """
+    state = load_trainer_state(ckpt)
+    run = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
+    if run.get("run_id") and state.get("run_id") and run["run_id"] != state["run_id"]:
+        raise ValueError(f"checkpoint {ckpt} belongs to another run (run id {state['run_id'][:8]}) than {run_dir} "
+                         f"(run id {run['run_id'][:8]}): resume the checkpoint's own run directory")
+    saved = TrainConfig.from_dict(read_json(ckpt / CONFIG_FILE), str(ckpt / CONFIG_FILE))
+    bad = identity_mismatches(saved, explicit)
+    if bad:
+        raise ValueError(f"--resume {run_dir}: {'; '.join(bad)} differ from the saved run: drop them to resume, "
+                         "or start a new run with another --output")
+    out = explicit.get("output")
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        raise ValueError(f"--output {out} and --resume {run_dir} name different runs: pass only --resume")
+    values = saved.to_dict()
+    values.update({k: v for k, v in explicit.items() if k in TrainConfig.MUTABLE})
+    values["output"] = str(run_dir)
+    return TrainConfig(**values).validate(), state
