@@ -158,3 +158,26 @@ def test_eval_errors(trained_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2, args
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_stream_scores_whole_documents(trained_run, capsys):
+    """--stream scores every document with its whole left context; every token once, like the segment protocol,
+    and at least as well as 64-token segments (more context)."""
+    out = trained_run / "report-stream"
+    rc = main(["eval", str(trained_run / "run"), "--lengths", "64", "--stream", "64", "--output", str(out),
+               "--cache-dir", str(trained_run / "cache"), "--no-progress"])
+    assert rc == 0
+    assert "streamed whole documents" in capsys.readouterr().out
+    (model,) = json.loads((out / "eval_results.json").read_text())["models"].values()
+    stream, segments = model["stream"], model["results"][0]
+    assert stream["tokens"] == segments["tokens"] and stream["bytes"] == segments["bytes"]
+    assert 0 < stream["bpb"] < 9
+
+
+def test_generate_command_streams_text(trained_run, capsys):
+    rc = main(["generate", str(trained_run / "run"), "--prompt", "def ", "--max-new-tokens", "12",
+               "--temperature", "0"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("def ") and len(printed) > len("def \n")
+    assert main(["generate", str(trained_run / "run"), "--top-p", "2"]) == 2

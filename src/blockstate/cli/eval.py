@@ -29,12 +29,18 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--cache-dir", help="token cache (default ~/.cache/blockstate)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stream", nargs="?", type=int, const=4096, default=None, metavar="CHUNK",
+                   help="also score every document with its whole left context, in chunks of CHUNK tokens "
+                        "(default 4096) with the model's state carried between chunks (exact, constant memory "
+                        "for S4D models)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from blockstate.evaluation.runner import run_evaluation
 
+    if args.stream is not None and args.stream < 1:
+        raise ValueError(f"--stream CHUNK must be a positive number of tokens, got {args.stream}")
     if args.batch_tokens < 1:
         raise ValueError(f"--batch-tokens must be a positive integer, got {args.batch_tokens}")
     if args.threads:
@@ -47,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     paths = run_evaluation(args.checkpoints, data=args.data, lengths=args.lengths, split=args.split,
                            tokenizer=args.tokenizer, output=args.output, batch_tokens=args.batch_tokens,
                            device=args.device, precision=args.precision, cache_dir=args.cache_dir,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, stream_chunk=args.stream)
     print(paths["markdown"].read_text(encoding="utf-8").split("\nProtocol:")[0].strip())
     for kind, path in paths.items():
         print(f"{kind}: {path}")

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "bench": "blockstate.cli.bench",
     "train": "blockstate.cli.train",
     "eval": "blockstate.cli.eval",
+    "generate": "blockstate.cli.generate",
     "models": "blockstate.cli.models",
 }
 

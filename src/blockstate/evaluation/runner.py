@@ -109,7 +109,7 @@ def _model_name(config: Any) -> str:
 def run_evaluation(checkpoints: list[str], *, data: str | None, lengths: str, split: str = "test",
                    tokenizer: str | None = None, output: str | None = None, batch_tokens: int = 16384,
                    device: str = "auto", precision: str = "auto", cache_dir: str | None = None,
-                   progress: bool = True, log: Any = print) -> dict[str, Path]:
+                   progress: bool = True, log: Any = print, stream_chunk: int | None = None) -> dict[str, Path]:
     from blockstate.data import load_corpus, tokenize_split
     from blockstate.training.distributed import pick_device
     from blockstate.training.steps import autocast_factory
@@ -140,9 +140,19 @@ def run_evaluation(checkpoints: list[str], *, data: str | None, lengths: str, sp
             res.append(r)
             log(format_results(key, [r], lm.train_length) + f" [{time.perf_counter() - t0:.1f}s]")
         results[key] = res
+        stream = None
+        if stream_chunk:  # whole documents, left context unbounded, state carried chunk to chunk
+            from blockstate.evaluation.streaming import evaluate_streaming
+
+            t0 = time.perf_counter()
+            stream = evaluate_streaming(lm.model, split_data, stream_chunk)
+            log(f"{key} streamed whole documents (chunks of {stream['chunk']}): ppl {stream['ppl']:.3f}, "
+                f"{stream['bpb']:.4f} bits/byte over {stream['tokens']:,} tokens [{time.perf_counter() - t0:.1f}s]")
         models[key] = {"checkpoint": str(lm.path), "tokenizer": getattr(lm.tokenizer, "kind", "?"),
                        "vocab_size": lm.tokenizer.vocab_size, "train_length": lm.train_length, "data": data_spec,
                        "parameters": sum(p.numel() for p in lm.model.parameters())}
+        if stream is not None:
+            models[key]["stream"] = stream
     out = Path(output) if output else (loaded[0].path.parent.parent / "eval" if loaded[0].path.parent.name ==
                                       "checkpoints" else Path("eval"))
     return write_report(models, results, out, split, used_data or "?")

@@ -49,7 +49,7 @@ def stream_document_nll(model: nn.Module, tokens: np.ndarray | torch.Tensor, chu
     if not supports_streaming(model):
         raise ValueError(f"{type(model).__name__} has no streaming cache: evaluate it without --stream")
     device = next(model.parameters()).device
-    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=device).view(1, -1)
+    ids = torch.as_tensor(np.array(tokens, dtype=np.int64), device=device).view(1, -1)
     total = ids.shape[1]
     if total < 2:
         return StreamResult(0.0, 0)
@@ -62,3 +62,17 @@ def stream_document_nll(model: nn.Module, tokens: np.ndarray | torch.Tensor, chu
         targets = ids[0, start + 1 : start + 1 + piece.shape[1]]
         nll += float(F.cross_entropy(out.logits[0].float(), targets, reduction="sum"))
     return StreamResult(nll, total - 1)
+
+
+def evaluate_streaming(model: nn.Module, data, chunk: int = 4096, log=None) -> dict:
+    """Every document of a TokenizedSplit scored with its whole left context (``stream_document_nll``).
+
+    Returns a summary like EvalResult's, with ``length`` = "document" (the context is the whole document)."""
+    nll, tokens, nbytes = 0.0, 0, 0
+    for doc, doc_bytes in data.documents():  # each document follows its separator, as in training
+        r = stream_document_nll(model, np.concatenate([[data.eos_id], doc]), chunk)
+        nll, tokens, nbytes = nll + r.nll, tokens + r.tokens, nbytes + doc_bytes
+    loss = nll / max(1, tokens)
+    return {"length": "document", "chunk": stream_chunk_size(model, chunk), "loss": loss,
+            "ppl": math.exp(min(loss, 700.0)), "bpb": nll / (math.log(2) * max(1, nbytes)), "tokens": tokens,
+            "bytes": nbytes, "documents": data.num_documents}
