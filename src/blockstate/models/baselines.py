@@ -30,6 +30,7 @@ from blockstate.models.configuration_baselines import (
 from blockstate.models.modeling_blockstate import (
     BlockStateForCausalLM,
     BlockStatePreTrainedModel,
+    LMHeadAccessors,
     causal_lm_loss,
     check_input_ids,
 )
@@ -136,7 +137,7 @@ class GatedStateSpaceModel(BlockStatePreTrainedModel):
         return BaseModelOutput(last_hidden_state=self.norm(x))
 
 
-class GatedStateSpaceForCausalLM(BlockStatePreTrainedModel):
+class GatedStateSpaceForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel):
     """GSS-Hybrid causal LM; stateless (``carry``/``reset`` are accepted and ignored)."""
 
     config_class = GatedStateSpaceConfig
@@ -149,18 +150,6 @@ class GatedStateSpaceForCausalLM(BlockStatePreTrainedModel):
         self.model = GatedStateSpaceModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def forward(self, input_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
                 attention_mask: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:

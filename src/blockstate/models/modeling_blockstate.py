@@ -135,7 +135,23 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
                          f"[{lo}, {hi}]; the tokenizer and the model's vocab_size disagree")
 
 
-class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
+class LMHeadAccessors:
+    """Embedding accessors of every causal LM here: ``self.model.embed_tokens`` in, ``self.lm_head`` out."""
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+
+class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, GenerationMixin):
     """``model(input_ids, labels=None)`` -> logits (B, L, V) fp32 and, with labels, the mean next-token loss.
 
     Labels follow the Hugging Face convention: the same ids as the input (shifted inside), -100 = ignored.
@@ -149,18 +165,6 @@ class BlockStateForCausalLM(BlockStatePreTrainedModel, GenerationMixin):
         self.model = BlockStateModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def forward(self, input_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: BlockStateCache | None = None,
