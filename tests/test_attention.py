@@ -59,3 +59,14 @@ def test_huge_block_is_full_causal_attention_without_padding_cost():
     h = torch.randn(1, 13, 32)
     t = torch.arange(13)
     assert torch.allclose(attn(h), reference_masked_attention(attn, h, t[None, :] <= t[:, None]), atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [8, 21, 32])
+def test_full_previous_block_is_transformer_xl_memory(length):
+    """previous_window=False: every token sees its whole previous block and its own block causally."""
+    torch.manual_seed(0)
+    attn = BlockAttention(32, 4, block_size=8, attend_previous_block=True, previous_window=False)
+    h = torch.randn(2, length, 32)
+    t = torch.arange(length)
+    allowed = (t[None, :] <= t[:, None]) & (t[None, :] // 8 >= t[:, None] // 8 - 1)
+    assert torch.allclose(attn(h), reference_masked_attention(attn, h, allowed), atol=1e-5)

@@ -21,6 +21,7 @@ from blockstate.models.configuration_blockstate import default_bst_layers
         (dict(num_context_states=0), "num_context_states"),
         (dict(hidden_dropout=1.5), "hidden_dropout"),
         (dict(position_encoding="alibi"), "position_encoding"),
+        (dict(previous_block="all"), "previous_block"),
         (dict(vocab_size=0), "vocab_size"),
     ],
 )

@@ -18,9 +18,10 @@ def decode_all(model, ids, cache):
 
 
 @pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)
-@pytest.mark.parametrize("previous", [False, True])
+@pytest.mark.parametrize("previous", [False, "window", "full"])
 def test_token_by_token_equals_parallel(variant, kernel, previous):
-    model = build(variant, kernel, attend_previous_block=previous)
+    mode = previous or "window"
+    model = build(variant, kernel, attend_previous_block=bool(previous), previous_block=mode)
     ids = torch.randint(0, 61, (2, LENGTH))
     with torch.no_grad():
         ref = model(ids).logits

@@ -207,7 +207,8 @@ def _attention(kind: str) -> Callable[..., PretrainedConfig]:
             fields.update(attend_previous_block=True, carry_state=True)
         else:  # transformer-xl: a training segment is two XL segments of L/2 (Trsf-XL:2048 at L = 4096)
             length = overrides.get("max_train_length", fields["max_train_length"])
-            fields.update(block_size=max(1, length // 2), attend_previous_block=True, carry_state=True)
+            fields.update(block_size=max(1, length // 2), attend_previous_block=True, previous_block="full",
+                          carry_state=True)
         return BlockTransformerConfig(**{**fields, **overrides})
 
     return build
@@ -234,7 +235,7 @@ def _register_defaults() -> None:
     register_model("slide", _attention("slide"), BlockTransformerForCausalLM,
                    "sliding-window attention (W), last window's keys/values carried (Slide:12L)", 190e6)
     register_model("transformer-xl", _attention("transformer-xl"), BlockTransformerForCausalLM,
-                   "window = half a training segment, previous window carried (Trsf-XL:2048)", 190e6)
+                   "window = half a training segment, the whole previous segment carried (Trsf-XL:2048)", 190e6)
     register_model("brect", _brect, BlockRecurrentForCausalLM,
                    "Block-Recurrent Transformer, fixed gate, no state FFN (Rec:fixed:skip)", 196e6)
     register_model("gss-hybrid", _gss, GatedStateSpaceForCausalLM,

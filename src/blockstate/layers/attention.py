@@ -28,13 +28,15 @@ from blockstate.layers.common import RMSNorm, apply_rope, from_blocks, num_block
 CONTEXT_LAYOUTS = (None, "aligned", "states")
 
 
-def previous_block_mask(nb: int, block_size: int, first_has_past: bool = False, device=None) -> torch.Tensor:
+def previous_block_mask(nb: int, block_size: int, first_has_past: bool = False, device=None,
+                        window: bool = True) -> torch.Tensor:
     """(nb, 1, W, 2W) bool: query i of a block sees key j of [previous block; this block] iff it lies in the
-    last W positions up to and including i (i < j <= W + i). Block 0 sees a previous block only when keys/values
-    of one were carried in from the previous segment (``first_has_past``)."""
+    last W positions up to and including i (i < j <= W + i), or, with ``window=False`` (Transformer-XL), anywhere
+    in the previous block or causally in its own (j <= W + i). Block 0 sees a previous block only when
+    keys/values of one were carried in from the previous segment (``first_has_past``)."""
     i = torch.arange(block_size, device=device)[:, None]
     j = torch.arange(2 * block_size, device=device)[None, :]
-    window = (j > i) & (j <= block_size + i)
+    window = ((j > i) if window else (j >= 0)) & (j <= block_size + i)
     mask = window.expand(nb, block_size, 2 * block_size).clone()
     if not first_has_past:
         mask[0, :, :block_size] = False
@@ -51,6 +53,7 @@ class BlockAttention(nn.Module):
         context: str | None = None,
         context_per_head: bool = False,
         attend_previous_block: bool = False,
+        previous_window: bool = True,
         rope: bool = True,
         rope_theta: float = 10000.0,
         dropout: float = 0.0,
@@ -64,6 +67,7 @@ class BlockAttention(nn.Module):
         self.block_size = block_size
         self.context, self.context_per_head = context, context_per_head
         self.attend_previous_block = attend_previous_block
+        self.previous_window = previous_window  # False: the whole previous block (Transformer-XL memory)
         self.rope, self.rope_theta = rope, rope_theta
         self.attention_dropout = attention_dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -151,7 +155,7 @@ class BlockAttention(nn.Module):
                 k_prev[:, 0], v_prev[:, 0] = past_kv[0].to(k.dtype), past_kv[1].to(v.dtype)
             keys = self._rope(torch.cat([k_prev.flatten(0, 1), k], dim=2), 0)
             values = torch.cat([v_prev.flatten(0, 1), v], dim=2)
-            mask = previous_block_mask(nb, w, has_past, h.device).repeat(bsz, 1, 1, 1)
+            mask = previous_block_mask(nb, w, has_past, h.device, self.previous_window).repeat(bsz, 1, 1, 1)
             q = self._rope(q, w)
             out = self._sdpa(q, keys, values, mask=mask)
         else:
@@ -255,7 +259,9 @@ class BlockAttention(nn.Module):
         if self.attend_previous_block:
             keys = torch.cat([cache.prev_keys, cache.keys], dim=2)
             values = torch.cat([cache.prev_values, cache.values], dim=2)
-            previous = (torch.arange(w, device=h.device)[None, :] > phase[:, None]) & (position >= w)[:, None]
+            previous = (position >= w)[:, None].expand(bsz, w)
+            if self.previous_window:
+                previous = previous & (torch.arange(w, device=h.device)[None, :] > phase[:, None])
             mask = torch.cat([previous, current], dim=1)
         else:
             keys, values, mask = cache.keys, cache.values, current

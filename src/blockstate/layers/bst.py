@@ -117,6 +117,7 @@ class BlockTransformerLayer(nn.Module):
         self.attention = BlockAttention(
             dim, config.num_attention_heads, config.block_size, context=context,
             context_per_head=context_per_head, attend_previous_block=config.attend_previous_block,
+            previous_window=config.previous_block == "window",
             rope=config.position_encoding == "rope", rope_theta=config.rope_theta,
             dropout=config.hidden_dropout, attention_dropout=config.attention_dropout, eps=config.rms_norm_eps,
         )

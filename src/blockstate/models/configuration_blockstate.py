@@ -8,6 +8,7 @@ from blockstate.layers.bst import VARIANTS
 from blockstate.layers.ssm import KERNELS
 
 POSITION_ENCODINGS = ("rope", "none")
+PREVIOUS_BLOCK = ("window", "full")
 S4D_INITS = ("lin", "inv")
 
 
@@ -33,7 +34,9 @@ class BlockStateConfig(PretrainedConfig):
         ssm_state_size: N, real states per S4D filter (N/2 conjugate-pair modes).
         num_context_states: S, filters (and context states per block) of the MF variant.
         max_train_length: training segment length L; the implicit filter measures time in units of it.
-        attend_previous_block: block self-attention also sees the previous W tokens (W x 2W tile).
+        attend_previous_block: block self-attention also sees the previous block (W x 2W tile).
+        previous_block: with attend_previous_block, ``"window"``: each token sees the previous W tokens (sliding
+            window); ``"full"``: every token sees the whole previous block (Transformer-XL memory).
         position_encoding: ``"rope"`` inside blocks, or ``"none"``.
         hidden_dropout / attention_dropout: residual-branch and attention-probability dropout.
     """
@@ -60,6 +63,7 @@ class BlockStateConfig(PretrainedConfig):
         filter_hidden_size: int = 64,
         filter_num_bands: int = 16,
         attend_previous_block: bool = False,
+        previous_block: str = "window",
         position_encoding: str = "rope",
         rope_theta: float = 10000.0,
         hidden_dropout: float = 0.0,
@@ -87,6 +91,7 @@ class BlockStateConfig(PretrainedConfig):
         self.filter_hidden_size = filter_hidden_size
         self.filter_num_bands = filter_num_bands
         self.attend_previous_block = attend_previous_block
+        self.previous_block = previous_block
         self.position_encoding = position_encoding
         self.rope_theta = rope_theta
         self.hidden_dropout = hidden_dropout
@@ -109,6 +114,7 @@ class BlockStateConfig(PretrainedConfig):
                      "filter_hidden_size", "filter_num_bands"):
             positive(name)
         choices = {"variant": VARIANTS, "kernel": KERNELS, "position_encoding": POSITION_ENCODINGS,
+                   "previous_block": PREVIOUS_BLOCK,
                    "s4d_init": S4D_INITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
