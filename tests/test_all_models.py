@@ -104,11 +104,11 @@ def test_same_forward_signature_and_stateless_models_ignore_carry(name):
             assert torch.equal(model(x, carry=object()).logits, out.logits)
 
 
-STREAMING = [n for n in MODELS if hasattr(build(n), "allocate_inference_cache") and n not in ("brect", "gss-hybrid")]
+STREAMING = [n for n in MODELS if hasattr(build(n), "allocate_inference_cache")]
 
 
 def test_streaming_covers_the_attention_baselines():
-    assert {"gpt", "slide", "transformer-xl", "bst-sh-s4"} <= set(STREAMING)
+    assert {"gpt", "slide", "transformer-xl", "brect", "bst-sh-s4"} <= set(STREAMING)
 
 
 @pytest.mark.parametrize("name", STREAMING)

@@ -29,6 +29,7 @@ class LayerCache:
     history: torch.Tensor | None = None  # other kernels: (B, D, cap) inputs so far, row-aligned at 0
     kernel: torch.Tensor | None = None  # other kernels: (D, C, cap), generated once per capacity
     last_output: torch.Tensor | None = None  # MF: (B, D, S) SSM output at the previous position
+    recurrent_state: torch.Tensor | None = None  # Block-Recurrent baseline: (B, S, D) state vectors
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

@@ -22,6 +22,7 @@ import transformers.initialization as init
 from torch import nn
 
 from blockstate.layers.bst import BlockTransformerLayer
+from blockstate.layers.cache import LayerCache
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -113,9 +114,21 @@ class BlockRecurrentLayer(BlockTransformerLayer):
         i, f = (self.gate(z) + self.gate_bias.flatten()).chunk(2, dim=-1)
         return state * torch.sigmoid(f) + torch.tanh(z) * torch.sigmoid(i)
 
-    # streaming inference is not implemented for BRecT: fail clearly instead of in the parent's cache code
-    def step(self, *args, **kwargs):
-        raise NotImplementedError("BlockRecurrentLayer has no token-by-token inference; run segments in parallel")
-
-    def allocate_inference_cache(self):
-        raise NotImplementedError("BlockRecurrentLayer has no inference cache; carry its state with carry=")
+    # -- streaming: the recurrence, one token at a time -------------------------------------------------------
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, cache: LayerCache, position: torch.Tensor) -> torch.Tensor:
+        """One token per row. Tokens cross-attend to the current state (its keys/values are taken up at each
+        block start, when the state has just changed); when a row completes a block, its state is updated from
+        that block's keys/values exactly as in the parallel pass."""
+        if cache.recurrent_state is None:
+            cache.recurrent_state = self.initial(x.shape[0]).float().clone()
+        ctx = cache.recurrent_state + self.state_ids
+        u = self.norm(x)
+        x = x + self.attention.step(u, cache, position, ctx.to(x.dtype))
+        x = x + self.ffn(self.ffn_norm(x))
+        ends = (position + 1) % self.attention.block_size == 0
+        if bool(ends.any()):
+            keys, values = self.attention.block_past(cache)  # the finished block, keys un-rotated
+            new = self.update_state(cache.recurrent_state, ctx, keys, values)
+            cache.recurrent_state = torch.where(ends.view(-1, 1, 1), new.float(), cache.recurrent_state)
+        return x

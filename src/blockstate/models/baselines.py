@@ -20,6 +20,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from blockstate.layers import BlockTransformerLayer, RMSNorm
+from blockstate.layers.cache import BlockStateCache
 from blockstate.layers.gss import GatedStateSpaceLayer
 from blockstate.layers.recurrent import BlockRecurrentLayer, carry_block_layer
 from blockstate.models.configuration_baselines import (
@@ -28,6 +29,7 @@ from blockstate.models.configuration_baselines import (
     GatedStateSpaceConfig,
 )
 from blockstate.models.modeling_blockstate import (
+    BlockStateCausalLMOutput,
     BlockStateForCausalLM,
     BlockStatePreTrainedModel,
     LMHeadAccessors,
@@ -99,10 +101,29 @@ class BlockRecurrentForCausalLM(BlockTransformerForCausalLM):
                 attention_mask: torch.Tensor | None = None, *, carry: SegmentCarry | None = None,
                 reset: torch.Tensor | None = None, carry_length: int | None = None, **kwargs) -> SegmentLMOutput:
         if _inference_call(kwargs):
-            raise NotImplementedError("the Block-Recurrent Transformer runs whole segments from input_ids only (no "
-                                      "inference cache, no inputs_embeds); carry its state with carry=")
+            return self.recurrent_forward(input_ids, labels, attention_mask, kwargs.get("cache"))
         right_padding_only(attention_mask)
         return self.segment_forward(input_ids, labels, carry, reset, carry_length)
+
+
+    @torch.no_grad()
+    def recurrent_forward(self, input_ids: torch.LongTensor | None, labels: torch.LongTensor | None,
+                          attention_mask: torch.Tensor | None,
+                          cache: BlockStateCache | None) -> BlockStateCausalLMOutput:
+        """Inference with the shared cache interface. Its blocks are sequential by design, so the prompt is read
+        token by token too (no parallel prefill); the logits equal the parallel forward's."""
+        if input_ids is None:
+            raise ValueError("the Block-Recurrent Transformer needs input_ids (B, L)")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("the Block-Recurrent Transformer's cache takes unpadded prompts: generate one prompt "
+                             "length at a time")
+        check_input_ids(input_ids, self.config.vocab_size)
+        if cache is None:
+            cache = self.allocate_inference_cache(input_ids.shape[0], input_ids.device)
+        hidden = torch.stack([self.model.step(input_ids[:, t], cache) for t in range(input_ids.shape[1])], 1)
+        logits = self.lm_head(hidden).float()
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache)
 
 
 class GatedStateSpaceModel(BlockStatePreTrainedModel):
