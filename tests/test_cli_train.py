@@ -3,7 +3,6 @@
 import errno
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_helpers import one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
 
 from blockstate.cli.main import build_parser, main
 from blockstate.cli.train import explicit_settings
@@ -31,24 +31,6 @@ eval_every: 0
 sample_tokens: 0
 progress: false
 """
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_corpus(root: Path, n_docs: int = 12, seed: int = 0) -> Path:
-    rnd = random.Random(seed)
-    words = "def class return import while for if else self value print none true false".split()
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        lines = [" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 9))) for _ in range(rnd.randint(40, 90))]
-        (root / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -2,28 +2,16 @@
 
 import json
 import math
-import random
 
 import numpy as np
 import pytest
 import torch
+from training_helpers import TINY_MODEL, one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
 
 from blockstate.cli.main import main
 from blockstate.data import BytesTokenizer, TokenizedSplit
 from blockstate.evaluation import evaluate, head_documents, parse_lengths, sample, sample_text
 from blockstate.training.model_factory import build_model
-
-TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  num_context_states=4, block_size=16, max_train_length=64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and 2 threads on a busy 2-core machine thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_split(lengths=(5, 40, 64, 65, 130, 1)) -> TokenizedSplit:
@@ -95,16 +83,6 @@ def test_sample_is_seeded_and_stops(model):
 
 
 # -- the command -------------------------------------------------------------------------------------------
-def write_corpus(root, n_docs=12, seed=0):
-    rnd = random.Random(seed)
-    words = "def class return import while for if else self value print none true false".split()
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        lines = [" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 9))) for _ in range(rnd.randint(40, 90))]
-        (root / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
-    return root
-
-
 TINY_FLAGS = ["--model-arg", "hidden_size=32", "--model-arg", "num_hidden_layers=2", "--model-arg",
               "num_attention_heads=2", "--model-arg", "intermediate_size=64", "--model-arg", "num_context_states=4",
               "--seq-len", "64", "--block-size", "16", "--batch-size", "4", "--log-every", "1", "--eval-every", "0",

@@ -8,24 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from training_helpers import TINY_MODEL, one_thread  # noqa: F401 (one_thread is an autouse fixture)
 
 from blockstate.models import BlockStateForCausalLM
 from blockstate.training import checkpoint as ckpt_io
 from blockstate.training.config import TrainConfig, identity_mismatches, load_config_file, merge
 from blockstate.training.model_factory import build_model, parse_bst_name
 from blockstate.training.optim import build_optimizer, group_of_parameters, lr_factor, set_lr
-
-TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  num_context_states=4, block_size=16, max_train_length=64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and 2 threads on a busy 2-core machine thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(name: str = "bst-sh-s4") -> torch.nn.Module:

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_helpers import one_thread  # noqa: F401 (one_thread is an autouse fixture)
 
 from blockstate.training import TrainConfig, Trainer
 from blockstate.training.metrics import read_metrics
@@ -15,14 +16,6 @@ TINY = dict(model_args={"hidden_size": 32, "num_hidden_layers": 2, "num_attentio
                         "num_context_states": 4},
             seq_len=64, block_size=16, batch_size=4, log_every=1, eval_every=0, sample_tokens=0, progress=False,
             precision="fp32")  # exact comparisons: bf16 autocast (auto on AVX512-BF16 CPUs) rounds batch-dependently
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,30 @@
+"""Shared pieces of the training / evaluation tests: a tiny model, a tiny corpus, one CPU thread."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  num_context_states=4, block_size=16, max_train_length=64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and 2 threads on a busy 2-core machine thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_corpus(root: Path, n_docs: int = 12, seed: int = 0) -> Path:
+    """A small directory of code-like text documents."""
+    rnd = random.Random(seed)
+    words = "def class return import while for if else self value print none true false".split()
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = [" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 9))) for _ in range(rnd.randint(40, 90))]
+        (root / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
+    return root
