@@ -33,6 +33,7 @@ from blockstate.models.modeling_blockstate import (
     BlockStateForCausalLM,
     BlockStatePreTrainedModel,
     LMHeadAccessors,
+    TokenEmbeddingAccessors,
     causal_lm_loss,
     check_input_ids,
 )
@@ -126,7 +127,7 @@ class BlockRecurrentForCausalLM(BlockTransformerForCausalLM):
         return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache)
 
 
-class GatedStateSpaceModel(BlockStatePreTrainedModel):
+class GatedStateSpaceModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
     """Embedding -> GSS layers and block-attention layers -> final norm."""
 
     config_class = GatedStateSpaceConfig
@@ -143,12 +144,6 @@ class GatedStateSpaceModel(BlockStatePreTrainedModel):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
 
     def forward(self, input_ids: torch.LongTensor, **kwargs) -> BaseModelOutput:
         check_input_ids(input_ids, self.config.vocab_size)

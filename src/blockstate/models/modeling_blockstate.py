@@ -55,7 +55,17 @@ class BlockStatePreTrainedModel(PreTrainedModel):
             module.init_parameters(std)
 
 
-class BlockStateModel(BlockStatePreTrainedModel):
+class TokenEmbeddingAccessors:
+    """Input-embedding accessors of every base model here (``self.embed_tokens``)."""
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+
+class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
     """The stack without the LM head: returns the final normed hidden states (B, L, D)."""
 
     def __init__(self, config: BlockStateConfig):
@@ -65,12 +75,6 @@ class BlockStateModel(BlockStatePreTrainedModel):
         self.layers = nn.ModuleList(build_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
 
     def forward(self, input_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 cache: BlockStateCache | None = None, lengths: torch.Tensor | None = None,
