@@ -94,12 +94,12 @@ def test_mf_context_states_are_shifted_block_summaries():
     ctx = ContextStates(config)
     u = torch.randn(2, 29, 32)  # 4 blocks of W=8, the last one partial
     states = ctx(u)
-    y = ctx.ssm(u)  # (B, D, S, L)
+    y = ctx.ssm(u)  # (B, D, S, L): the FFT path; the layer takes only the block ends, through the S4D state
     assert states.shape == (2, 4, 4, 32)
     assert torch.allclose(states[:, 0], (ctx.initial_context + ctx.context_ids).expand(2, -1, -1))
     for k in range(1, 4):
         expected = y[..., k * 8 - 1].transpose(1, 2) + ctx.context_ids
-        assert torch.allclose(states[:, k], expected)
+        assert torch.allclose(states[:, k], expected, atol=1e-5, rtol=1e-4)
     # and block 0 truly ignores the tokens: changing every token leaves its states unchanged
     assert torch.equal(ctx(torch.randn(2, 29, 32))[:, 0], states[:, 0])
 

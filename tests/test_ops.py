@@ -120,3 +120,25 @@ def test_s4d_final_state_and_state_response_continue_the_recurrence():
     whole = fft_causal_conv(u, k)
     tail = fft_causal_conv(u[..., 45:], k) + s4d_state_response(**p, x0=fast, length=25)
     assert torch.allclose(tail, whole[..., 45:], atol=1e-5)
+
+
+@pytest.mark.parametrize("block,blocks,filters", [(1, 5, 2), (8, 6, 3), (16, 3, 1), (7, 9, 4)])
+def test_s4d_block_ends_equal_the_convolution_at_block_ends(block, blocks, filters):
+    """BST:MF's fast path (the state moved block by block) against the FFT convolution sampled at block ends,
+    values and gradients."""
+    from blockstate.ops import s4d_block_ends
+
+    channels = 5
+    p = s4d_init(channels * filters, 16, generator=torch.Generator().manual_seed(block))
+    p = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+    u = torch.randn(2, channels, blocks * block, requires_grad=True)
+    k = s4d_kernel(**p, length=u.shape[-1]).view(channels, filters, -1)
+    ref = fft_causal_conv(u, k)[..., block - 1 :: block]
+    got = s4d_block_ends(**p, u=u, block=block)
+    assert got.shape == (2, channels, filters, blocks)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+    w = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * w).sum(), [u, *p.values()])
+    grads_got = torch.autograd.grad((got * w).sum(), [u, *p.values()])
+    for a, b in zip(grads_got, grads_ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)

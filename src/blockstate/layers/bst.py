@@ -62,6 +62,9 @@ class ContextStates(nn.Module):
                 start: int = 0) -> torch.Tensor:
         """u (B, L, D) -> context states. With ``cache``: prefill (start = 0) or, for start > 0, continue a
         stream the cache has read ``start`` tokens of (block-aligned), then keep the state for what follows."""
+        if self.variant == "mf" and cache is None:  # only the outputs at block ends are needed
+            count = num_blocks(u.shape[1], self.block_size) - 1
+            return self.summaries(self.ssm.block_ends(u, self.block_size, count), None)
         y = self.ssm(u, cache, start)  # (B, D, C, L), fp32
         previous = cache.last_output if (cache is not None and start > 0 and self.variant == "mf") else None
         if cache is not None:  # hand the SSM over to the recurrence at position start + lengths[b]
@@ -96,9 +99,12 @@ class ContextStates(nn.Module):
         """MF: (B, D, S, L) -> (B, nb, S, D). Block k gets the outputs at position k*W - 1; block 0 the learned
         initial context, or ``previous`` (B, D, S), the outputs just before a continued chunk. Only complete
         blocks before the last one are summarised, so padding never leaks in."""
-        bsz, length = y.shape[0], y.shape[-1]
-        nb = num_blocks(length, self.block_size)
-        ends = y[..., self.block_size - 1 :: self.block_size][..., : nb - 1]  # (B, D, S, nb-1)
+        nb = num_blocks(y.shape[-1], self.block_size)
+        return self.summaries(y[..., self.block_size - 1 :: self.block_size][..., : nb - 1], previous)
+
+    def summaries(self, ends: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """MF: the outputs at the ends of blocks 0..nb-2, (B, D, S, nb-1) -> context states (B, nb, S, D)."""
+        bsz = ends.shape[0]
         if previous is None:
             first = self.initial_context.float().expand(bsz, 1, -1, -1)
         else:

@@ -25,6 +25,7 @@ from blockstate.ops import (
     exponential_decay,
     fft_causal_conv,
     positional_features,
+    s4d_block_ends,
     s4d_discretize,
     s4d_final_state,
     s4d_init,
@@ -192,6 +193,19 @@ class LongConvSSM(nn.Module):
             return y + response.view(u.shape[0], self.channels, self.filters, length)
         whole = torch.cat([carry.history[..., :start], u.transpose(1, 2).float()], dim=-1)
         return fft_causal_conv(whole, self.kernel(whole.shape[-1]), self.skip)[..., start:]
+
+    def block_ends(self, u: torch.Tensor, block: int, count: int) -> torch.Tensor:
+        """Only the outputs at positions block-1, 2*block-1, ... (``count`` of them): u (B, L, D) -> (B, D, C,
+        count), fp32. S4D gets them through its state (``s4d_block_ends``), without the (B, D, C, L) output."""
+        u = u[:, : count * block].transpose(1, 2)
+        if count == 0:  # one block: nothing before it
+            return u.new_zeros(u.shape[0], self.channels, self.filters, 0, dtype=torch.float32)
+        if self.recurrent:
+            k = self.kernel
+            with torch.autocast(device_type=u.device.type, enabled=False):
+                y = s4d_block_ends(k.log_dt, k.log_a_real, k.a_imag, k.c, u, block)
+                return y + self.skip.float().unsqueeze(-1) * u[..., block - 1 :: block].float().unsqueeze(2)
+        return fft_causal_conv(u, self.kernel(u.shape[-1]), self.skip)[..., block - 1 :: block]
 
     # -- streaming ------------------------------------------------------------------------------------------
     @property

@@ -3,6 +3,7 @@
 from blockstate.ops.fftconv import causal_conv_reference, fft_causal_conv, fft_size
 from blockstate.ops.implicit import decay_rates, exponential_decay, positional_features, squash_smooth
 from blockstate.ops.s4d import (
+    s4d_block_ends,
     s4d_discretize,
     s4d_final_state,
     s4d_init,
@@ -20,6 +21,7 @@ __all__ = [
     "fft_causal_conv",
     "fft_size",
     "positional_features",
+    "s4d_block_ends",
     "s4d_discretize",
     "s4d_final_state",
     "s4d_init",
