@@ -1,4 +1,4 @@
-"""``blockstate bench generate``: benchmarks that print tables and write JSON/PNG."""
+"""``blockstate bench layers|generate``: benchmarks that print tables and write JSON/PNG."""
 
 from __future__ import annotations
 
@@ -8,11 +8,22 @@ import argparse
 def register(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help="speed and memory benchmarks (tables + JSON + PNG)")
     kinds = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
-    from blockstate.benchmarks import generation
+    from blockstate.benchmarks import generation, layers
+
+    lp = kinds.add_parser("layers", help="one layer's forward / forward+backward time and peak memory vs length")
+    layers.add_arguments(lp)
+    lp.set_defaults(run=run_layers)
 
     g = kinds.add_parser("generate", help="per-token generation latency and cache memory vs context length")
     generation.add_arguments(g)
     g.set_defaults(run=run_generate)
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    from blockstate.benchmarks import layers
+
+    layers.run(args)
+    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -74,7 +74,7 @@ class ContextStates(nn.Module):
         if self.variant == "sh":
             return y[:, :, 0].transpose(1, 2)
         if self.variant == "mh":
-            return y.permute(0, 3, 2, 1)
+            return y.permute(0, 3, 2, 1).contiguous()  # (B, L, H, D): the norm over D then reads memory in order
         return self.block_summaries(y, previous)
 
     @torch.no_grad()
