@@ -11,9 +11,14 @@ from blockstate.cli.main import main
 TINY = ["--dim", "32", "--heads", "4", "--block", "8", "--state", "4", "--repeats", "1"]
 
 
+def run_tiny(tmp_path, names: str, *extra: str) -> None:
+    assert main(["bench", "layers", "--layers", names, "--lengths", "16,32", "--out", str(tmp_path), *TINY,
+                 *extra]) == 0
+
+
 def test_bench_layers_writes_table_json_and_png(tmp_path, capsys):
     names = "bst-sh-s4,bst-mf-s4,bst-mh-unstructured,brect,slide,block,full"
-    assert main(["bench", "layers", "--layers", names, "--lengths", "16,32", "--out", str(tmp_path), *TINY]) == 0
+    run_tiny(tmp_path, names, "--no-memory")
     out = capsys.readouterr().out
     assert "forward, median ms" in out and "peak extra memory" in out and "torch" in out
     payload = json.loads((tmp_path / "layers-cpu.json").read_text())
@@ -25,8 +30,30 @@ def test_bench_layers_writes_table_json_and_png(tmp_path, capsys):
             assert set(result[mode]) == {"16", "32"}
             t = result[mode]["32"]
             assert 0 < t["min"] <= t["median"] <= t["max"]
-        assert set(result["memory"]) == {"16", "32"}
     assert "bst-sh-s4 t(L)/t(L/2)" in payload["ratios"]
+    # a saved result re-renders without running anything
+    assert main(["bench", "layers", "--report", str(tmp_path / "layers-cpu.json")]) == 0
+    again = capsys.readouterr().out
+    assert "## goals" in again and "BST:SH forward vs full" in again
+
+
+@pytest.mark.slow
+def test_memory_pass_runs_in_a_fresh_process(tmp_path):
+    run_tiny(tmp_path, "bst-sh-s4,full")
+    payload = json.loads((tmp_path / "layers-cpu.json").read_text())
+    for name in ("bst-sh-s4", "full"):
+        assert set(payload["results"][name]["memory"]) == {"16", "32"}
+
+
+def test_peak_bytes_sees_a_temporary_allocation():
+    if not bench.cpu_peak_supported():
+        pytest.skip("no /proc/self/clear_refs here")
+
+    def step():
+        t = torch.ones(16 * 2**20)  # 64 MiB, freed before the call returns: only the peak sees it
+        del t
+
+    assert bench.peak_bytes(step, torch.device("cpu")) >= 60 * 2**20
 
 
 def test_time_limit_stops_a_layer_and_says_so(tmp_path):
@@ -51,6 +78,7 @@ def test_every_layer_maps_the_input_shape_to_itself():
     (["--lengths", "4k,x"], "--lengths"),
     (["--dim", "30", "--heads", "4"], "divisible"),
     (["--batch", "0"], "--batch"),
+    (["--report", "/nonexistent/layers-cpu.json"], "--report"),
 ])
 def test_bad_flags_get_one_line_and_exit_2(argv, message, capsys, tmp_path):
     assert main(["bench", "layers", "--out", str(tmp_path), *argv]) == 2

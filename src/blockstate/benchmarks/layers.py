@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from blockstate.benchmarks.common import machine, sync, write_json
+from blockstate.benchmarks.layers_report import goals, load, plot, ratio_rows, tables
 
 BST = [f"bst-{v}-{k}" for k in ("s4", "unstructured") for v in ("sh", "mh", "mf")]
 LAYERS = [*BST, "brect", "peer-brect", "slide", "block", "full"]
@@ -294,91 +295,6 @@ def run_grid(names: list[str], lengths: list[int], s: Setting, device: torch.dev
     return {"results": results, "stopped": stopped}
 
 
-# -- reporting ----------------------------------------------------------------------------------------------
-def _label(length: int) -> str:
-    return f"{length // 1024}k" if length % 1024 == 0 else str(length)
-
-
-def tables(payload: dict[str, Any]) -> str:
-    res, lengths = payload["results"], payload["lengths"]
-    head = "| layer | " + " | ".join(_label(n) for n in lengths) + " |\n|---|" + "---|" * len(lengths)
-    out = [f"# One layer, {payload['machine']['device']}, torch {payload['machine']['torch']}, "
-           f"{payload['machine']['threads']} threads; " + ", ".join(f"{k}={v}" for k, v in payload["setting"].items())]
-
-    def cell(r: dict[str, Any], length: int, fmt: Callable[[Any], str]) -> str:
-        return fmt(r[length]) if length in r else "-"
-
-    for mode, title in (("forward", "forward, median ms (min-max)"),
-                        ("backward", "forward+backward, median ms")):
-        out += [f"\n## {title}\n", head]
-        for n in res:
-            def fmt(t: dict[str, float], mode=mode) -> str:
-                ms = f"{1000 * t['median']:.0f}"
-                return f"{ms} ({1000 * t['min']:.0f}-{1000 * t['max']:.0f})" if mode == "forward" else ms
-            out.append(f"| {n} | " + " | ".join(cell(res[n][mode], L, fmt) for L in lengths) + " |")
-    out += ["\n## peak extra memory of forward+backward, MiB\n", head]
-    for n in res:
-        out.append(f"| {n} | " + " | ".join(
-            cell(res[n]["memory"], L, lambda b: "n/a" if b is None else f"{b / 2**20:.0f}") for L in lengths) + " |")
-    out += ["\n## ratios (forward medians)\n", head]
-    for row, val in ratio_rows(payload).items():
-        out.append(f"| {row} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in val) + " |")
-    if payload["stopped"]:
-        out.append("\nstopped: " + "; ".join(f"{n}: {why}" for n, why in payload["stopped"].items()))
-    return "\n".join(out)
-
-
-def ratio_rows(payload: dict[str, Any]) -> dict[str, list[float | None]]:
-    """time(2L)/time(L) of each BST layer, and how many times faster BST:SH is than each rival."""
-    res, lengths = payload["results"], payload["lengths"]
-
-    def fwd(n: str, length: int) -> float | None:
-        r = res.get(n, {}).get("forward", {}).get(length)
-        return r["median"] if r else None
-
-    rows: dict[str, list[float | None]] = {}
-    for n in res:
-        if n.startswith("bst-"):
-            rows[f"{n} t(L)/t(L/2)"] = [
-                (fwd(n, L) / fwd(n, L // 2)) if (L // 2 in lengths and fwd(n, L) and fwd(n, L // 2)) else None
-                for L in lengths]
-    ref = "bst-sh-s4"
-    for rival in ("brect", "peer-brect", "slide", "full"):
-        if rival in res and ref in res:
-            rows[f"{rival} / {ref}"] = [
-                (fwd(rival, L) / fwd(ref, L)) if (fwd(rival, L) and fwd(ref, L)) else None for L in lengths]
-    return rows
-
-
-def plot(payload: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    for ax, mode, title in zip(axes, ("forward", "backward", "memory"),
-                               ("forward (s)", "forward+backward (s)", "peak extra memory (MiB)"), strict=True):
-        for n, r in payload["results"].items():
-            pts = sorted((L, v) for L, v in r[mode].items() if v is not None)
-            if not pts:
-                continue
-            ys = [v["median"] if mode != "memory" else v / 2**20 for _, v in pts]
-            style = "-" if n.startswith("bst-") else "--"
-            ax.plot([L for L, _ in pts], ys, style, marker="o", markersize=3, label=n)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"one layer, {payload['machine']['device']}, batch {payload['setting']['batch']}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     s = Setting()
     p.add_argument("--layers", default=",".join(LAYERS),
@@ -400,9 +316,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                    help="directory for layers-<device>.json and .png (default %(default)s)")
+    p.add_argument("--report", type=Path, default=None, metavar="JSON",
+                   help="print the tables and goals of a saved result (and redraw its PNG beside it); runs nothing")
+
+
+def report(payload: dict[str, Any]) -> str:
+    return tables(payload) + "\n\n## goals\n\n" + "\n".join(goals(payload))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.report is not None:
+        payload = load(args.report)
+        print(report(payload))
+        plot(payload, args.report.with_suffix(".png"))
+        return payload
     names = [n.strip() for n in args.layers.split(",") if n.strip()]
     unknown = [n for n in names if n not in LAYERS]
     if unknown or not names:
@@ -430,7 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     payload = {"machine": info, "setting": asdict(s), "lengths": lengths, "repeats": args.repeats,
                "time_limit_s": limit, "notes": notes, **grid}
     payload["ratios"] = ratio_rows(payload)
-    print(tables(payload))
+    print(report(payload))
     for note in notes:
         print(note)
     stem = f"layers-{'gpu' if device.type == 'cuda' else 'cpu'}"
