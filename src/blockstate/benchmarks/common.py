@@ -17,7 +17,12 @@ import torch
 def machine() -> dict[str, Any]:
     """What the numbers were measured on: printed in every table header and saved with every result."""
     info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
-                            "threads": torch.get_num_threads()}
+                            "threads": torch.get_num_threads(),
+                            # shared machines: OpenMP threads that spin while another process holds the core slow
+                            # small-op layers down 10-50x; OMP_WAIT_POLICY=PASSIVE avoids that (set before start)
+                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+    if hasattr(os, "getloadavg"):
+        info["load_1min_at_start"] = round(os.getloadavg()[0], 2)
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
     else:
