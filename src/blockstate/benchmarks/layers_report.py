@@ -29,8 +29,10 @@ def _label(length: int) -> str:
 def tables(payload: dict[str, Any]) -> str:
     res, lengths = payload["results"], payload["lengths"]
     head = "| layer | " + " | ".join(_label(n) for n in lengths) + " |\n|---|" + "---|" * len(lengths)
-    out = [f"# One layer, {payload['machine']['device']}, torch {payload['machine']['torch']}, "
-           f"{payload['machine']['threads']} threads; " + ", ".join(f"{k}={v}" for k, v in payload["setting"].items())]
+    m = payload["machine"]
+    out = [f"# One layer, {m['device']}, torch {m['torch']}, {m['threads']} threads, OMP_WAIT_POLICY "
+           f"{m.get('omp_wait_policy', '?')}, load {m.get('load_1min_at_start', '?')} at start; "
+           + ", ".join(f"{k}={v}" for k, v in payload["setting"].items())]
 
     def cell(r: dict[str, Any], length: int, fmt: Callable[[Any], str]) -> str:
         return fmt(r[length]) if length in r else "-"
