@@ -207,8 +207,9 @@ def _attention(kind: str) -> Callable[..., PretrainedConfig]:
             fields.update(attend_previous_block=True, carry_state=True)
         else:  # transformer-xl: a training segment is two XL segments of L/2 (Trsf-XL:2048 at L = 4096)
             length = overrides.get("max_train_length", fields["max_train_length"])
-            fields.update(block_size=max(1, length // 2), attend_previous_block=True, previous_block="full",
-                          carry_state=True)
+            fields.update(attend_previous_block=True, previous_block="full", carry_state=True)
+            if isinstance(length, int):  # else the config's validation names max_train_length
+                fields.update(block_size=max(1, length // 2))
         return BlockTransformerConfig(**{**fields, **overrides})
 
     return build

@@ -11,7 +11,9 @@ BST and the same layers read them; only what a baseline adds is new here.
 
 from __future__ import annotations
 
-from blockstate.models.configuration_blockstate import BlockStateConfig
+import math
+
+from blockstate.models.configuration_blockstate import LAYER_COLLECTIONS, BlockStateConfig
 
 # A block size no sequence reaches: BlockAttention then runs one block of the sequence's own length, which is
 # plain full causal attention with no padding (and its streaming cache grows with the context).
@@ -27,11 +29,18 @@ def _no_bst_layers(kwargs: dict) -> None:
 
 
 def _layer_indices(name: str, value: list, num_layers: int) -> list[int]:
+    if not isinstance(value, list):
+        raise ValueError(f"{name} must be a list of layer indices, got {value!r}")
     bad = [i for i in value if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
     if bad or len(set(value)) != len(value):
         raise ValueError(f"{name} must be distinct layer indices in [0, {num_layers - 1}] "
                          f"(num_hidden_layers={num_layers}), got {value}")
     return sorted(value)
+
+
+def _as_list(value):
+    """Any collection of layer indices as a list; anything else is left for validation to report."""
+    return list(value) if isinstance(value, LAYER_COLLECTIONS) else value
 
 
 class BlockTransformerConfig(BlockStateConfig):
@@ -77,7 +86,9 @@ class BlockRecurrentConfig(BlockTransformerConfig):
         kwargs.setdefault("attend_previous_block", True)
         kwargs.setdefault("carry_state", True)
         layers = kwargs.get("num_hidden_layers", 4)
-        self.recurrent_layers = [max(0, layers - 3)] if recurrent_layers is None else list(recurrent_layers)
+        if recurrent_layers is None:  # a bad num_hidden_layers is reported by validate_fields
+            recurrent_layers = [max(0, layers - 3)] if isinstance(layers, int) else []
+        self.recurrent_layers = _as_list(recurrent_layers)
         self.num_state_vectors = num_state_vectors
         self.state_gate = state_gate
         self.state_gate_bias = state_gate_bias
@@ -92,6 +103,9 @@ class BlockRecurrentConfig(BlockTransformerConfig):
             raise ValueError(f"num_state_vectors must be a positive integer, got {self.num_state_vectors!r}")
         if self.state_gate not in STATE_GATES:
             raise ValueError(f"state_gate must be one of {list(STATE_GATES)}, got {self.state_gate!r}")
+        bias = self.state_gate_bias
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+            raise ValueError(f"state_gate_bias must be a finite number, got {bias!r}")
         self.recurrent_layers = _layer_indices("recurrent_layers", self.recurrent_layers, self.num_hidden_layers)
         if not self.recurrent_layers:
             raise ValueError("recurrent_layers must name at least one layer (use BlockTransformerConfig for none)")
@@ -113,10 +127,14 @@ class GatedStateSpaceConfig(BlockStateConfig):
                  attention_layers: list[int] | None = None, **kwargs):
         _no_bst_layers(kwargs)
         hidden, layers = kwargs.get("hidden_size", 256), kwargs.get("num_hidden_layers", 4)
+        if not isinstance(hidden, int):  # validate_fields names hidden_size / num_hidden_layers
+            hidden = 1
+        if not isinstance(layers, int):
+            layers = 0
         self.gss_hidden_size = 3 * hidden if gss_hidden_size is None else gss_hidden_size
         self.gss_narrow_size = max(1, hidden // 4) if gss_narrow_size is None else gss_narrow_size
         self.attention_layers = ([i for i in range(layers) if i % 4 == 3] if attention_layers is None
-                                 else list(attention_layers))
+                                 else _as_list(attention_layers))
         super().__init__(**kwargs)
 
     def validate_fields(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
 
 from blockstate.layers.bst import VARIANTS
@@ -10,6 +12,16 @@ from blockstate.layers.ssm import KERNELS
 POSITION_ENCODINGS = ("rope", "none")
 PREVIOUS_BLOCK = ("window", "full")
 S4D_INITS = ("lin", "inv")
+LAYER_COLLECTIONS = (list, tuple, range, set, frozenset)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """A finite int or float (not a bool, a string or None)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def default_bst_layers(num_layers: int) -> list[int]:
@@ -77,11 +89,16 @@ class BlockStateConfig(PretrainedConfig):
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
-        self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
+        if intermediate_size is None and _is_int(hidden_size):
+            intermediate_size = 4 * hidden_size  # else validate_fields names hidden_size
+        self.intermediate_size = intermediate_size
         self.block_size = block_size
         self.variant = variant
         self.kernel = kernel
-        self.bst_layers = default_bst_layers(num_hidden_layers) if bst_layers is None else list(bst_layers)
+        if bst_layers is None:
+            bst_layers = default_bst_layers(num_hidden_layers) if _is_int(num_hidden_layers) else []
+        # any collection of indices (a JSON list, a tuple, a range); anything else is reported by validate_fields
+        self.bst_layers = list(bst_layers) if isinstance(bst_layers, LAYER_COLLECTIONS) else bst_layers
         self.ssm_state_size = ssm_state_size
         self.num_context_states = num_context_states
         self.max_train_length = max_train_length
@@ -98,6 +115,7 @@ class BlockStateConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
+        self.tie_word_embeddings = tie_word_embeddings
         self.validate_fields()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -132,6 +150,8 @@ class BlockStateConfig(PretrainedConfig):
             )
         if self.ssm_state_size % 2:
             raise ValueError(f"ssm_state_size must be even (N/2 conjugate-pair modes), got {self.ssm_state_size}")
+        if not isinstance(self.bst_layers, list):
+            raise ValueError(f"bst_layers must be a list of layer indices, got {self.bst_layers!r}")
         bad = [i for i in self.bst_layers if isinstance(i, bool) or not isinstance(i, int)
                or not 0 <= i < self.num_hidden_layers]
         if bad or len(set(self.bst_layers)) != len(self.bst_layers):
@@ -142,8 +162,17 @@ class BlockStateConfig(PretrainedConfig):
         self.bst_layers = sorted(self.bst_layers)
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+            if not _is_real(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        for name in ("ssm_dt_min", "ssm_dt_max", "rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not _is_real(value) or not value > 0:
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+        if not _is_real(self.initializer_range) or self.initializer_range < 0:
+            raise ValueError(f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}")
+        for name in ("attend_previous_block", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name, False), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not 0 < self.ssm_dt_min <= self.ssm_dt_max:
             raise ValueError(f"ssm_dt_min/ssm_dt_max must satisfy 0 < min <= max, got "
                              f"{self.ssm_dt_min}, {self.ssm_dt_max}")

@@ -86,6 +86,12 @@ class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
         if inputs_embeds is None:
             check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
+        elif (not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3
+              or inputs_embeds.shape[-1] != self.config.hidden_size or not inputs_embeds.is_floating_point()
+              or inputs_embeds.shape[0] * inputs_embeds.shape[1] == 0):
+            raise ValueError(f"inputs_embeds must be a non-empty float tensor (batch, length, hidden_size="
+                             f"{self.config.hidden_size}), got {getattr(inputs_embeds, 'dtype', type(inputs_embeds))} "
+                             f"{tuple(getattr(inputs_embeds, 'shape', ()))}")
         start = 0
         if cache is not None:
             start = int(cache.position.max())
@@ -128,11 +134,16 @@ def build_layer(config: BlockStateConfig, index: int) -> nn.Module:
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """One clear error instead of an index error (or a CUDA device assert) deep inside the embedding."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a torch integer tensor of shape (batch, length), got "
+                         f"{type(input_ids).__name__}; use torch.tensor(ids)")
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor of shape (batch, length), got {input_ids.dtype} "
                          f"{tuple(input_ids.shape)}; add a batch dimension with input_ids[None] if needed")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty (length 0): pass at least one token")
+    if input_ids.shape[0] == 0:
+        raise ValueError("input_ids is empty (batch size 0): pass at least one row")
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"input_ids must lie in [0, {vocab_size - 1}] (vocab_size={vocab_size}), got values in "
@@ -188,6 +199,9 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
             return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache)
 
         starts = lengths = None
+        if attention_mask is not None and input_ids is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(attention_mask.shape)}")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             if input_ids is None:
                 raise ValueError("attention_mask with padding needs input_ids")
@@ -260,4 +274,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must have the shape of input_ids {tuple(logits.shape[:2])}, got "
                          f"{tuple(labels.shape)}")
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    if labels.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"labels must be an integer tensor (token ids, -100 = ignored), got {labels.dtype}")
+    bad = ((labels < 0) & (labels != -100)) | (labels >= logits.shape[-1])
+    if bool(bad.any()):  # one check instead of an IndexError (or a CUDA device assert) inside cross_entropy
+        raise ValueError(f"labels must lie in [0, {logits.shape[-1] - 1}] (vocab_size) or be -100 (ignored), got "
+                         f"e.g. {int(labels[bad][0])}")
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().long(), ignore_index=-100)

@@ -62,11 +62,9 @@ def s4d_discretize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ZOH discretisation in fp32: returns complex (Abar, Bbar, C), each (h, m)."""
     with torch.autocast(device_type=log_dt.device.type, enabled=False):
-        dt = log_dt.float().exp().unsqueeze(-1)
-        a = torch.complex(-log_a_real.float().exp(), a_imag.float())
-        dta = dt * a
-        abar = dta.exp()
-        bbar = (abar - 1) / a
+        dta_re, dta_im = _dta(log_dt, log_a_real, a_imag)
+        abar = torch.complex(dta_re, dta_im).exp()
+        bbar = torch.complex(*_bbar(dta_re, dta_im, log_dt))
         return abar, bbar, torch.view_as_complex(c.float().contiguous())
 
 
@@ -109,19 +107,29 @@ def s4d_kernel(
     """The (h, length) convolution kernel K_l = 2 Re(sum_n C_n Bbar_n Abar_n^l), fp32 (see module doc)."""
     with torch.autocast(device_type=log_dt.device.type, enabled=False):
         dta_re, dta_im = _dta(log_dt, log_a_real, a_imag)
-        bb_re, bb_im = _bbar(dta_re, dta_im, log_a_real, a_imag)  # C' = C * Bbar
+        bb_re, bb_im = _bbar(dta_re, dta_im, log_dt)  # C' = C * Bbar
         c_re, c_im = c[..., 0].float(), c[..., 1].float()
         return s4d_vandermonde(c_re * bb_re - c_im * bb_im, c_re * bb_im + c_im * bb_re, dta_re, dta_im, length)
 
 
-def _bbar(dta_re: torch.Tensor, dta_im: torch.Tensor, log_a_real: torch.Tensor,
-          a_imag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bbar = (exp(dt A) - 1) / A in real arithmetic on (h, m): real and imaginary parts."""
-    a_re, a_im = -log_a_real.float().exp(), a_imag.float()
-    e = dta_re.exp()
-    ab_re, ab_im = e * dta_im.cos() - 1, e * dta_im.sin()
-    den = a_re.square() + a_im.square()
-    return (ab_re * a_re + ab_im * a_im) / den, (ab_im * a_re - ab_re * a_im) / den
+def _bbar(dta_re: torch.Tensor, dta_im: torch.Tensor, log_dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bbar = (exp(dt A) - 1) / A = dt * phi(z), phi(z) = (e^z - 1) / z, z = dt A = x + iy, in real arithmetic on
+    (h, m): real and imaginary parts.
+
+    Stable for long-horizon modes (Re(A) -> 0): e^z - 1 = expm1(x) cos y - 2 sin^2(y/2) + i e^x sin y has no
+    cancellation, and phi takes its Taylor series where |z| < 1e-3 (error < |z|^3/24). The naive (e^z - 1) / A
+    loses such a mode in fp32 (e^z - 1 rounds to 0) and gives 0/0 = NaN once |A|^2 underflows.
+    """
+    x, y = dta_re, dta_im
+    num_re = torch.expm1(x) * y.cos() - 2 * (y / 2).sin().square()
+    num_im = x.exp() * y.sin()
+    den = x.square() + y.square()
+    small = den < 1e-6
+    safe = torch.where(small, torch.ones_like(den), den)  # no inf/NaN in the branch where() drops (gradients)
+    phi_re = torch.where(small, 1 + x / 2 + (x.square() - y.square()) / 6, (num_re * x + num_im * y) / safe)
+    phi_im = torch.where(small, y / 2 + x * y / 3, (num_im * x - num_re * y) / safe)
+    dt = log_dt.float().exp().unsqueeze(-1)
+    return dt * phi_re, dt * phi_im
 
 
 def s4d_block_ends(
@@ -143,7 +151,7 @@ def s4d_block_ends(
         h, m = log_a_real.shape
         filters = h // channels
         dta_re, dta_im = _dta(log_dt, log_a_real, a_imag)
-        bb_re, bb_im = _bbar(dta_re, dta_im, log_a_real, a_imag)
+        bb_re, bb_im = _bbar(dta_re, dta_im, log_dt)
         # weights Bbar Abar^lag for lag = W-1-i of input i, laid out (D, lag, F, m): with lag = q c + r only
         # (h, m, W/c + c) exponentials, then one broadcast complex product (the costly part at short L)
         c_lo = 1 << max(0, (math.isqrt(block) - 1).bit_length())
@@ -197,8 +205,7 @@ def s4d_final_state(
     with torch.autocast(device_type=log_dt.device.type, enabled=False):
         dta_re, dta_im = _dta(log_dt, log_a_real, a_imag)
         dta = torch.complex(dta_re, dta_im)
-        a = torch.complex(-log_a_real.float().exp(), a_imag.float())
-        bbar = (dta.exp() - 1) / a
+        bbar = torch.complex(*_bbar(dta_re, dta_im, log_dt))
         total = u.shape[-1]
         state = torch.zeros(u.shape[0], *dta.shape, dtype=torch.complex64, device=u.device)
         for start in range(0, total, chunk):
