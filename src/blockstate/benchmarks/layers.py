@@ -14,20 +14,20 @@ The paper's setting by default: D = 512, 16 heads, W = 128, N = 16, batch 1. Lay
 repeat, so machine drift hits all alike; CUDA is timed with events after synchronisation. A layer whose
 forward+backward passes ``time_limit`` seconds at one length is not run at longer ones (the table says so).
 
-Peak memory is the extra memory one forward+backward needs above the inputs and parameters: on CUDA the allocator's
-peak; on Linux CPUs the peak resident set (VmHWM, reset through /proc/self/clear_refs) with glibc's mmap threshold
-pinned low, so freed tensors leave the resident set. On CPU that pass runs in a fresh process after all timings
-(pinning the threshold slows allocation, and the timed passes leave a heap whose reuse would hide allocations).
+Peak memory is the extra memory one forward+backward allocates above the inputs and parameters: on CUDA the
+allocator's peak; elsewhere the peak of live tensor storage, tracked op by op (``PeakTensorMemory``). Both count
+activations, saved tensors and gradients; neither counts scratch memory inside a kernel. The memory pass runs after
+all timings, untimed, since tracking slows every op.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from blockstate.benchmarks.common import machine, sync, write_json
 from blockstate.benchmarks.layers_report import goals, load, plot, ratio_rows, tables
@@ -171,32 +173,42 @@ def timed(step: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{key} not in /proc/self/status")
+class PeakTensorMemory(TorchDispatchMode):
+    """Bytes of tensor storage alive at the peak of a call on any device: every op's outputs are counted when
+    created and uncounted when their storage is freed. Like CUDA's ``max_memory_allocated``, it sees what the
+    model allocates (activations, saved tensors, gradients), not scratch memory inside a kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = id(storage)
+                if key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    weakref.finalize(storage, self._free, key)
+        self.peak = max(self.peak, self.current)
+        return out
 
 
-def cpu_peak_supported() -> bool:
-    """Resets the peak resident set (VmHWM) to the current one: Linux only."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _status_bytes("VmHWM:")
-        return True
-    except OSError:
-        return False
+def cpu_peak_supported() -> bool:  # TODO(review): drop with benchmarks/train.py's fresh-process pass
+    return True
 
 
-def pin_mmap_threshold() -> None:
-    """Make every allocation over 64 KiB its own mmap, returned to the system when freed (glibc)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+def pin_mmap_threshold() -> None:  # TODO(review): as above; the tensor tracker needs no allocator settings
+    return None
 
 
-def peak_bytes(step: Callable[[], None], device: torch.device) -> int | None:
+def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     """Extra memory at the peak of one call, above what was allocated before it."""
     gc.collect()
     if device.type == "cuda":
@@ -206,30 +218,25 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> int | None:
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    if not cpu_peak_supported():
-        return None
-    before = _status_bytes("VmRSS:")
-    step()
-    return max(0, _status_bytes("VmHWM:") - before)
+    tracker = PeakTensorMemory()
+    with tracker:
+        step()
+    return tracker.peak
 
 
-def memory_pass(todo: dict[str, list[int]], setting: dict[str, Any], device: str) -> dict[str, dict[int, Any]]:
-    """Peak extra memory of one forward+backward for each layer at each of its lengths."""
-    s, dev = Setting(**setting), torch.device(device)
-    if dev.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-        pin_mmap_threshold()
+def memory_pass(todo: dict[str, list[int]], s: Setting, device: torch.device) -> dict[str, dict[int, Any]]:
+    """Peak extra memory of one forward+backward for each layer at each of its lengths (untimed)."""
     peaks: dict[str, dict[int, Any]] = {}
     for n, lengths in todo.items():
         peaks[n] = {}
         for length in lengths:
             torch.manual_seed(0)
-            layer = build(n, s, length).to(dev)
-            x = torch.randn(s.batch, length, s.dim, device=dev)
+            layer = build(n, s, length).to(device)
+            x = torch.randn(s.batch, length, s.dim, device=device)
             step = make_step(layer, x, "backward", s)
             try:
                 step()  # lazily created buffers (masks, rope tables) are not the layer's working memory
-                peaks[n][length] = peak_bytes(step, dev)
+                peaks[n][length] = peak_bytes(step, device)
             except RuntimeError as exc:
                 if not is_oom(exc):
                     raise
@@ -282,14 +289,7 @@ def run_grid(names: list[str], lengths: list[int], s: Setting, device: torch.dev
                                           for n in active if length in results[n]["forward"]))
         del layers
     if memory:
-        todo = {n: sorted(results[n]["backward"]) for n in names}
-        if device.type == "cpu":  # a fresh process: the timing passes left the heap in an unknown state
-            import multiprocessing
-
-            with multiprocessing.get_context("spawn").Pool(1) as pool:
-                peaks = pool.apply(memory_pass, (todo, asdict(s), str(device)))
-        else:
-            peaks = memory_pass(todo, asdict(s), str(device))
+        peaks = memory_pass({n: sorted(results[n]["backward"]) for n in names}, s, device)
         for n, per_length in peaks.items():
             results[n]["memory"] = per_length
     return {"results": results, "stopped": stopped}
