@@ -1,18 +1,10 @@
-"""``blockstate train`` from the command line: bad input gives one line, kill / SIGTERM then resume."""
+"""``blockstate train`` from the command line: settings, bad input gives one line, resume checks."""
 
 import errno
-import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 from training_helpers import one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
 
 from blockstate.cli.main import build_parser, main
@@ -154,67 +146,4 @@ def test_resume_checks(env, tmp_path, capsys):
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"] == [1]
 
 
-# -- subprocesses: SIGKILL / SIGTERM then resume -------------------------------------------------------------
-def cli(env, *args: str) -> list[str]:
-    return [sys.executable, "-m", "blockstate", "train", "--config", str(env / "tiny.yaml"), "--threads", "1",
-            *args]
-
-
-def run_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def start_and_wait_for_checkpoint(argv: list[str], run: Path, timeout: float = 120) -> subprocess.Popen:
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env())
-    deadline = time.monotonic() + timeout
-    while not list((run / "checkpoints").glob("step-*")):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            out, err = proc.communicate()
-            pytest.fail(f"no checkpoint appeared (rc {proc.returncode}): {out[-2000:]} {err[-2000:]}")
-        time.sleep(0.01)
-    return proc
-
-
-def train_losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"}
-
-
-def test_sigkill_then_resume_reproduces_the_uninterrupted_run(env, tmp_path):
-    steps = ["--steps", "300", "--save-every", "25", "--no-final-eval"]
-    ref = subprocess.run(cli(env, *steps, "--output", str(tmp_path / "ref")), capture_output=True, text=True,
-                         env=run_env(), timeout=300)
-    assert ref.returncode == 0, ref.stderr
-    run = tmp_path / "killed"
-    proc = start_and_wait_for_checkpoint(cli(env, *steps, "--output", str(run)), run)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = max(train_losses(run))
-    assert killed_at < 300, "the run finished before the kill: make it longer"
-    res = subprocess.run(cli(env, "--resume", str(run)), capture_output=True, text=True, env=run_env(), timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert "resumed at step" in res.stdout
-    assert train_losses(run) == train_losses(tmp_path / "ref")  # every step, bit for bit (CPU)
-    a = load_file(tmp_path / "ref" / "checkpoints" / "step-0000300" / "model.safetensors")
-    b = load_file(run / "checkpoints" / "step-0000300" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(env, tmp_path):
-    run = tmp_path / "term"
-    proc = start_and_wait_for_checkpoint(cli(env, "--steps", "400", "--save-every", "25", "--output", str(run),
-                                             "--no-final-eval"), run)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "stopped by SIGTERM" in out and "--resume" in out
-    stopped = max(train_losses(run))
-    latest = (run / "checkpoints" / "latest").read_text().strip()
-    assert latest == f"step-{stopped:07d}"  # the checkpoint is the step the signal stopped at
-    state = json.loads((run / "checkpoints" / latest / "trainer_state.json").read_text())
-    assert state["step"] == stopped
-    res = subprocess.run(cli(env, "--resume", str(run), "--steps", str(stopped + 3)), capture_output=True, text=True,
-                         env=run_env(), timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert max(train_losses(run)) == stopped + 3
+# SIGKILL at a random step / SIGTERM then resume: tests/test_reliability_faults.py

@@ -2,6 +2,11 @@
 
 Settings come from the defaults, then ``--config FILE`` (YAML or JSON, keys = the long flag names), then the
 flags. Distributed: ``torchrun --nproc_per_node=N -m blockstate train ... --parallel ddp|fsdp``.
+
+Exit codes: 0 done; 2 bad settings or input, a damaged checkpoint, a full disk, or too many non-finite steps
+in a row (one line on stderr; the last checkpoint is intact); 130 / 143 stopped by SIGINT / SIGTERM after
+saving a checkpoint of the current step (continue with ``blockstate train --resume RUN``). See
+docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -88,6 +93,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     g.add_argument("--warmup-steps", type=int, default=S, help="default 50")
     g.add_argument("--min-lr-ratio", type=float, default=S, help="cosine floor as a fraction of --lr (default 0.1)")
     g.add_argument("--grad-clip", type=float, default=S, help="global gradient-norm clip, 0 = off (default 1)")
+    g.add_argument("--max-skipped-steps", type=int, default=S, metavar="N",
+                   help="a step with a non-finite loss or gradient is skipped; stop after N in a row, 0 = never "
+                        "(default 20)")
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--precision", choices=PRECISIONS, default=S,
                    help="auto = bf16 autocast where bf16 is native (GPU, AVX512-BF16/AMX CPUs), else fp32")
@@ -173,6 +181,9 @@ def summary(result: Any) -> str:
     if result.test is not None:
         t = result.test
         lines.append(f"test: {t.bpb:.4f} bits/byte, ppl {t.ppl:.3f} ({t.tokens:,} tokens, L={t.length})")
+    if getattr(result, "skipped_steps", 0):
+        lines.append(f"skipped: {result.skipped_steps} optimiser step(s) with a non-finite loss or gradient (see "
+                     "'skip' lines in metrics.jsonl)")
     lines.append(f"checkpoint: {result.checkpoint}")
     lines += [f"plot: {p}" for p in result.plots]
     lines.append(f"metrics: {result.run_dir / 'metrics.jsonl'}; results: {result.run_dir / 'results.json'}")

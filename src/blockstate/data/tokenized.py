@@ -192,27 +192,42 @@ def tokenize_split(corpus: Corpus, tokenizer: Tokenizer, split: str, cache_dir: 
     root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "tokens"
     final = root / f"{slug(corpus.name)}-{split}-{tokenizer.kind}-{key}"
     name = f"{corpus.name}:{split}"
-    if not (use_cache and (final / "meta.json").is_file()):
-        t0 = time.perf_counter()
-        tmp = make_tmp_dir(root)
+    if use_cache and (final / "meta.json").is_file():
         try:
-            _write_split(corpus, tokenizer, split, tmp)
-            if use_cache:
-                publish_dir(tmp, final)
-            else:
-                final = tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        logger.info("tokenised %s with %s in %.2fs", name, tokenizer.kind, time.perf_counter() - t0)
-    meta = json.loads((final / "meta.json").read_text())
-    stats = ReadStats.from_dict(meta["stats"])
-    corpus.split_stats[split] = stats
-    _log_stats(name, stats)
-    data = TokenizedSplit(np.load(final / "tokens.npy", mmap_mode="r"), np.load(final / "offsets.npy"),
-                          np.load(final / "doc_bytes.npy"), int(meta["eos_id"]), int(meta["vocab_size"]),
-                          name, stats)
+            return _load(final, corpus, split, name, tokenizer)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # e.g. a truncated tokens.npy
+            logger.warning("token cache %s is damaged (%s): rebuilding it", final, str(exc).splitlines()[0][:200])
+            shutil.rmtree(final, ignore_errors=True)
+    t0 = time.perf_counter()
+    tmp = make_tmp_dir(root)
+    try:
+        _write_split(corpus, tokenizer, split, tmp)
+        if use_cache:
+            publish_dir(tmp, final)
+        else:
+            final = tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("tokenised %s with %s in %.2fs", name, tokenizer.kind, time.perf_counter() - t0)
+    data = _load(final, corpus, split, name, tokenizer)
     if not use_cache:  # load into memory, then drop the temporary files
         data.tokens = np.array(data.tokens)
         shutil.rmtree(final, ignore_errors=True)
+    return data
+
+
+def _load(final: Path, corpus: Corpus, split: str, name: str, tokenizer: Tokenizer) -> TokenizedSplit:
+    """A cached split, memory-mapped; ValueError when its files do not agree with each other."""
+    meta = json.loads((final / "meta.json").read_text())
+    stats = ReadStats.from_dict(meta["stats"])
+    data = TokenizedSplit(np.load(final / "tokens.npy", mmap_mode="r", allow_pickle=False),
+                          np.load(final / "offsets.npy", allow_pickle=False),
+                          np.load(final / "doc_bytes.npy", allow_pickle=False),
+                          int(meta["eos_id"]), int(meta["vocab_size"]), name, stats)
+    if (data.tokens.dtype != tokenizer.dtype or len(data.offsets) != len(data.doc_bytes) + 1
+            or int(data.offsets[-1]) != len(data.tokens) or data.eos_id != tokenizer.eos_id):
+        raise ValueError("its token, offset and byte arrays do not agree")
+    corpus.split_stats[split] = stats
+    _log_stats(name, stats)
     return data

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,11 +209,32 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
             while start < len(text):
                 end = text.find("\n", start + 65536)
                 end = len(text) if end < 0 else end + 1
-                yield text[start:end]
+                yield from _short_runs(text[start:end])
                 start = end
 
     tok.train_from_iterator(chunks(), trainer=trainer)
     return HFTokenizer(tok)
+
+
+# A run of this many non-space (or space) characters is cut into pieces for BPE training: the trainer's cost
+# grows with the length of a pre-token, and one minified / base64 / "aaaa..." line of 1 MB took minutes (random
+# letters: ~4 minutes; one repeated letter: over 5) where 1 KB pieces take under a second. Encoding any text is
+# unaffected; only merges spanning more than MAX_RUN characters are never learned.
+MAX_RUN = 1024
+_LONG_RUN = re.compile(rf"\S{{{MAX_RUN},}}|\s{{{MAX_RUN},}}")
+
+
+def _short_runs(text: str) -> Iterator[str]:
+    """``text`` as pieces in which no run of non-space (or space) characters is longer than MAX_RUN."""
+    pos = 0
+    for m in _LONG_RUN.finditer(text):
+        if m.start() > pos:
+            yield text[pos:m.start()]
+        for i in range(m.start(), m.end(), MAX_RUN):
+            yield text[i:min(i + MAX_RUN, m.end())]
+        pos = m.end()
+    if pos < len(text):
+        yield text[pos:]
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
@@ -222,15 +244,21 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if not cfg_path.is_file():
         raise DataError(f"{directory} is not a saved tokenizer (no {CONFIG_NAME}): save one with "
                         "tokenizer.save(dir)")
-    cfg = json.loads(cfg_path.read_text())
-    kind = cfg.get("type")
-    if kind == "bytes":
-        return BytesTokenizer()
-    if kind == "bpe":
-        from tokenizers import Tokenizer as HFTok
-        return HFTokenizer(HFTok.from_file(str(directory / cfg["file"])))
-    if kind == "sentencepiece":
-        return SentencePieceTokenizer(directory / cfg["file"])
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        kind = cfg.get("type")
+        if kind == "bytes":
+            return BytesTokenizer()
+        if kind == "bpe":
+            from tokenizers import Tokenizer as HFTok
+            return HFTokenizer(HFTok.from_file(str(directory / cfg["file"])))
+        if kind == "sentencepiece":
+            return SentencePieceTokenizer(directory / cfg["file"])
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - JSON, tokenizers and sentencepiece parse errors alike
+        raise DataError(f"the tokenizer saved in {directory} is damaged ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''}): save it again") from None
     raise DataError(f"{cfg_path} names an unknown tokenizer type {kind!r}: known types are bytes, bpe, "
                     "sentencepiece")
 
@@ -270,7 +298,7 @@ def build_tokenizer(name_or_path: str | Path, corpus: Any = None, *, vocab_size:
 def _cached_bpe(corpus: Any, vocab_size: int, cache_dir: Path, sample_bytes: int) -> Tokenizer:
     import tokenizers
 
-    key = stable_hash("bpe-v1", corpus.fingerprint, vocab_size, sample_bytes, tokenizers.__version__)[:16]
+    key = stable_hash("bpe-v2", corpus.fingerprint, vocab_size, sample_bytes, tokenizers.__version__)[:16]
     final = cache_dir / "tokenizers" / f"bpe{vocab_size}-{key}"
     if (final / CONFIG_NAME).is_file():
         logger.info("using cached BPE tokenizer %s", final)

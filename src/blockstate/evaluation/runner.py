@@ -16,7 +16,7 @@ import torch
 
 from blockstate.evaluation.evaluate import EvalResult, evaluate
 from blockstate.evaluation.report import format_results, write_report
-from blockstate.training.checkpoint import CONFIG_FILE, read_json, resolve_checkpoint
+from blockstate.training.checkpoint import CONFIG_FILE, read_json, resolve_checkpoint, verify
 
 DEFAULT_LENGTHS = "1x,4x,16x"
 
@@ -69,10 +69,12 @@ def load_checkpoint(path: str | Path, tokenizer: str | None = None, device: torc
     from blockstate.data import build_tokenizer, load_corpus, load_tokenizer
 
     ckpt = resolve_checkpoint(path)
+    verify(ckpt, action="use")  # a damaged checkpoint: one line naming the file, before anything is read
     train_cfg = read_json(ckpt / CONFIG_FILE) if (ckpt / CONFIG_FILE).is_file() else {}
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(ckpt)
+        # safetensors only (never a pickled .bin) and no code from the checkpoint directory
+        model = AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"cannot load the model in {ckpt} ({str(exc).splitlines()[0]}): pass a directory written "
                          "by blockstate train or save_pretrained") from None

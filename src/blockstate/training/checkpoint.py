@@ -10,17 +10,22 @@ Layout of ``<run>/checkpoints/step-0000500/``::
     trainer_state.json               step, token count, schedule, data-loader position, run id
     train_config.json                the TrainConfig
     tokenizer/                       the tokenizer (``blockstate.data.load_tokenizer``)
+    manifest.json                    size and sha256 of every other file, written last (``manifest.py``)
 
 Everything is written into ``checkpoints/.tmp-step-...`` and renamed into place only when complete (rename is
 atomic on POSIX), then ``checkpoints/latest`` is replaced the same way: a kill at any moment leaves the last
 good checkpoint intact and findable. Old checkpoints are renamed to ``.trash-*`` before deletion, so a half
-deleted one is never mistaken for a checkpoint.
+deleted one is never mistaken for a checkpoint. Loading checks the manifest first, so a checkpoint damaged
+after the save (a truncated copy, bit rot) is refused with a one-line error naming the file.
+
+Nothing here unpickles: weights and tensors are safetensors, everything else JSON.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -31,13 +36,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from blockstate.training.manifest import CheckpointError, check_model_config, verify_checkpoint, write_manifest
+
 FORMAT = "blockstate-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: manifest.json (version 1 checkpoints load, unverified)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "train_config.json"
 SEP = "::"
+
+logger = logging.getLogger("blockstate.train")
 
 
 # -- atomic files ------------------------------------------------------------------------------------------
@@ -57,11 +66,15 @@ def fsync_path(path: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a stray temporary file behind
+        raise
     fsync_path(path.parent)
 
 
@@ -156,7 +169,7 @@ def load_carry(ckpt: Path, rank: int, device: torch.device | str = "cpu") -> Any
         return None
     from blockstate.models.stateful import SegmentCarry
 
-    tensors = load_file(path)
+    tensors = safe_load(path)
     groups = {f: [] for f in SegmentCarry._fields}
     for key in sorted(tensors, key=lambda k: (k.split(".")[0], int(k.split(".")[1]))):
         groups[key.split(".")[0]].append(tensors[key].to(device))
@@ -210,6 +223,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: Any, model_state: dict[s
             tokenizer.save(tmp / "tokenizer")
         write_json(tmp / CONFIG_FILE, train_config)
         write_json(tmp / STATE_FILE, {"format": FORMAT, "version": VERSION, **trainer_state})
+        write_manifest(tmp)  # last: it describes every file above
         for f in tmp.rglob("*"):
             if f.is_file():
                 fsync_path(f)
@@ -282,6 +296,20 @@ def read_json(path: Path) -> dict[str, Any]:
                          "one") from None
 
 
+def verify(ckpt: Path, action: str = "use") -> None:
+    """Check ``ckpt`` against its manifest before loading anything from it (CheckpointError: one line naming
+    the damaged file and an earlier checkpoint). Training checkpoints of version >= 2 must have a manifest;
+    older ones and plain ``save_pretrained`` directories load unverified."""
+    if verify_checkpoint(ckpt, action=action):
+        return
+    if (ckpt / STATE_FILE).is_file():
+        state = read_json(ckpt / STATE_FILE)
+        if state.get("format") == FORMAT and int(state.get("version", 1)) >= 2:
+            verify_checkpoint(ckpt, required=True, action=action)
+        logger.warning("checkpoint %s has no manifest (written by an older blockstate): its files are not verified",
+                       ckpt)
+
+
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     state = read_json(ckpt / STATE_FILE)
     if state.get("format") != FORMAT:
@@ -294,13 +322,23 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
 
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Load ``model.safetensors`` into a freshly built model of the same config; tied weights may be absent
-    from the file (``save_pretrained`` stores a tied tensor once)."""
+    from the file (``save_pretrained`` stores a tied tensor once). A checkpoint of another model config is
+    refused first, with the differing fields named."""
+    if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
+        check_model_config(ckpt, model.config)
     files = sorted(ckpt.glob("model*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{ckpt} has no model.safetensors: the checkpoint is incomplete; use an earlier one")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(f))
+        state.update(safe_load(f))
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (this model: {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit the model built from the settings: {wrong[0]}"
+                              f"{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''}; resume with the run's own "
+                              "settings")
     missing, unexpected = model.load_state_dict(state, strict=False)
     aliases: dict[int, set[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -312,10 +350,19 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
                          f"{missing[:3]}, unexpected {unexpected[:3]}): resume with the run's own settings")
 
 
+def safe_load(path: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.load_file`` with a one-line error for a damaged file (a checkpoint without a manifest)."""
+    try:
+        return load_file(path)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends: report as a damaged file
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]}): the "
+                              "checkpoint is damaged; use an earlier one") from None
+
+
 def load_optimizer_state(ckpt: Path, current_groups: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not (ckpt / "optimizer.json").is_file():
         return None
-    tensors = load_file(ckpt / "optimizer.safetensors") if (ckpt / "optimizer.safetensors").is_file() else {}
+    tensors = safe_load(ckpt / "optimizer.safetensors") if (ckpt / "optimizer.safetensors").is_file() else {}
     return unflatten_optimizer_state(tensors, read_json(ckpt / "optimizer.json"), current_groups)
 
 
@@ -323,5 +370,5 @@ def load_rng_state(ckpt: Path, rank: int) -> bool:
     """Restore this rank's generators; False when the checkpoint has none for it (another world size)."""
     if not (ckpt / f"rng-rank{rank}.safetensors").is_file():
         return False
-    set_rng_state(load_file(ckpt / f"rng-rank{rank}.safetensors"), read_json(ckpt / f"rng-rank{rank}.json"))
+    set_rng_state(safe_load(ckpt / f"rng-rank{rank}.safetensors"), read_json(ckpt / f"rng-rank{rank}.json"))
     return True

@@ -64,6 +64,9 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 = off
+    # a step whose loss or gradient norm is not finite is skipped (weights and optimiser state untouched);
+    # this many in a row stop the run with an error (0 = never stop)
+    max_skipped_steps: int = 20
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast where bf16 matmuls are native (CUDA, AVX512-BF16/AMX CPUs)
     # run
@@ -86,10 +89,28 @@ class TrainConfig:
     MUTABLE = frozenset({"steps", "tokens", "time_budget", "device", "parallel", "output", "eval_every",
                          "eval_tokens", "save_every", "keep_checkpoints", "log_every", "final_eval",
                          "sample_tokens", "sample_prompt", "temperature", "threads", "progress", "cache_dir",
-                         "batch_size", "grad_accum"})  # batch: only the global batch must match (checked apart)
+                         "batch_size", "grad_accum",  # batch: only the global batch must match (checked apart)
+                         "max_skipped_steps"})
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the field, the value and what is allowed; returns self."""
+        # types first: a YAML file can hold anything (lr: "fast", packing: "yes"), and a wrong type would
+        # otherwise fail later as a TypeError deep in the run
+        for name in ("packing", "final_eval", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
+        for name in ("model", "size", "data", "tokenizer", "optimizer", "schedule", "precision", "device", "parallel"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
+        for name in ("output", "cache_dir", "sample_prompt"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("beta1", "beta2", "dropout"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"{flag(name)} must be a number, got {value!r}")
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES,
                    "parallel": PARALLEL}
         for name, allowed in choices.items():
@@ -100,7 +121,8 @@ class TrainConfig:
         for name in ("steps", "tokens", "seq_len", "block_size", "threads"):
             if getattr(self, name) is not None:
                 _positive_int(self, name)
-        for name in ("eval_every", "save_every", "sample_tokens", "warmup_steps", "eval_tokens"):
+        for name in ("eval_every", "save_every", "sample_tokens", "warmup_steps", "eval_tokens",
+                     "max_skipped_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{flag(name)} must be a non-negative integer, got {value!r}")
@@ -111,8 +133,9 @@ class TrainConfig:
         if self.time_budget is not None:
             _positive_float(self, "time_budget")
         for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
-            if not isinstance(getattr(self, name), int | float) or getattr(self, name) < 0:
-                raise ValueError(f"{flag(name)} must be a number >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ValueError(f"{flag(name)} must be a finite number >= 0, got {value!r}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be in [0, 1), got {getattr(self, name)!r}")
@@ -222,7 +245,10 @@ def identity_mismatches(saved: TrainConfig, explicit: dict[str, Any]) -> list[st
         if name in TrainConfig.MUTABLE:
             continue
         old = getattr(saved, name)
-        if _norm(value) != _norm(old):
+        if isinstance(value, dict) and isinstance(old, dict):  # model_args: name the differing keys
+            keys = sorted(k for k in set(value) | set(old) if _norm(value.get(k)) != _norm(old.get(k)))
+            bad += [f"--model-arg {k}={value.get(k)!r} (the run used {k}={old.get(k)!r})" for k in keys]
+        elif _norm(value) != _norm(old):
             bad.append(f"{flag(name)} {value!r} (the run used {old!r})")
     return bad
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blockstate.training.checkpoint import atomic_write_text
+from blockstate.training.checkpoint import atomic_write_text, output_error
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -39,8 +39,11 @@ class MetricsLogger:
         if not self.enabled or self._file is None:
             return
         record = {"kind": kind, "step": step, **{k: _clean(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:  # a full disk: say so in one line instead of a bare errno
+            raise output_error(exc, self.path.parent, METRICS_FILE) from exc
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, int | float) and math.isfinite(v):

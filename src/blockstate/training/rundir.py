@@ -19,11 +19,15 @@ from typing import Any
 from blockstate.training.checkpoint import (
     CHECKPOINTS,
     CONFIG_FILE,
+    LATEST,
+    atomic_write_text,
     is_checkpoint,
     latest_checkpoint,
     load_trainer_state,
+    logger,
     output_error,
     read_json,
+    verify,
 )
 from blockstate.training.config import TrainConfig, identity_mismatches
 
@@ -119,6 +123,7 @@ def resume_config(run_dir: Path, ckpt: Path, explicit: dict[str, Any]) -> tuple[
     Raises ValueError when a given setting would make it another experiment, or when the checkpoint belongs
     to another run than the directory's.
     """
+    verify(ckpt, action="resume from")
     state = load_trainer_state(ckpt)
     run = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
     if run.get("run_id") and state.get("run_id") and run["run_id"] != state["run_id"]:
@@ -136,3 +141,37 @@ def resume_config(run_dir: Path, ckpt: Path, explicit: dict[str, Any]) -> tuple[
     values.update({k: v for k, v in explicit.items() if k in TrainConfig.MUTABLE})
     values["output"] = str(run_dir)
     return TrainConfig(**values).validate(), state
+
+
+def set_aside_newer(run_dir: Path, ckpt: Path) -> list[Path]:
+    """Resuming from an older checkpoint than the newest (the newest was damaged): rename the newer ones to
+    ``checkpoints/abandoned-step-*`` so that the resumed run never mistakes them for its own saves, and point
+    ``latest`` at ``ckpt``. They are kept, not deleted: the user decides."""
+    root = run_dir / CHECKPOINTS
+    moved = []
+    for newer in sorted(p for p in root.glob("step-*") if p.is_dir() and p.name > ckpt.name):
+        target = root / f"abandoned-{newer.name}"
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(newer, target)
+        moved.append(target)
+    if moved:
+        atomic_write_text(root / LATEST, ckpt.name + "\n")
+        logger.warning("resuming from %s: the newer checkpoint(s) %s were moved aside (delete them when no longer "
+                       "needed)", ckpt.name, ", ".join(p.name for p in moved))
+    return moved
+
+
+def check_same_tokenizer(ckpt: Path, tokenizer: Any) -> None:
+    """Refuse to resume when the tokenizer built now differs from the checkpoint's (e.g. a BPE retrained on a
+    corpus that changed since): the weights would read other token ids than they were trained on."""
+    from blockstate.data import load_tokenizer
+
+    if not (ckpt / "tokenizer").is_dir():
+        return
+    saved = load_tokenizer(ckpt / "tokenizer")
+    if saved.fingerprint != tokenizer.fingerprint:
+        raise ValueError(f"checkpoint {ckpt} was trained with the tokenizer {saved.kind} (vocab {saved.vocab_size}, "
+                         f"{saved.fingerprint[:16]}), this run built {tokenizer.kind} (vocab {tokenizer.vocab_size}, "
+                         f"{tokenizer.fingerprint[:16]}): the corpus or the tokenizer changed since; resume with "
+                         "the same data, or start a new run")

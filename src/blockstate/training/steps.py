@@ -86,6 +86,21 @@ def step_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: tor
     return nll, getattr(out, "carry", None) if stateful else None
 
 
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to ``max_norm`` (0 = no clipping) and return the norm before clipping
+    (inf / nan when a gradient is not finite: the caller skips the step)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+
+def carry_is_finite(carry: Any) -> bool:
+    """Whether a stateful model's carried state is finite (a NaN step must not poison the next segments)."""
+    return all(bool(torch.isfinite(t).all()) for field in carry for t in field)
+
 
 def eta_seconds(step: int, total: int | None, elapsed: float, budget_s: float | None) -> float | None:
     candidates = []

@@ -5,6 +5,11 @@ The loss of a step is the mean next-token NLL over *all* its target tokens (summ
 so N ranks with batch b compute exactly the step of one process with batch N*b (up to float summation order),
 and padded segments weigh by their real tokens.
 
+Numerics: gradients are clipped to ``grad_clip`` (global norm), and a step whose loss or gradient norm is not
+finite (on any rank) is skipped: no optimiser update, a warning, a ``skip`` line in ``metrics.jsonl`` and a
+count in the trainer state and the final summary. ``max_skipped_steps`` in a row stop the run with an error
+(the weights are still those of the last good step, and earlier checkpoints are intact).
+
 Resumability: the schedule is a function of the step, the data loader position is a few integers, and the
 optimiser / RNG states are saved exactly, so on CPU a resumed run reproduces the uninterrupted run's losses.
 With a time budget and no ``--steps`` the cosine follows training *time* instead (progress = time spent /
@@ -33,22 +38,30 @@ from blockstate.training.optim import build_optimizer, describe_groups, group_of
 from blockstate.training.rundir import (
     RUN_FILE,
     check_fresh,
+    check_same_tokenizer,
     check_writable,
     default_output,
     find_resume,
     resume_config,
+    set_aside_newer,
     start_run,
 )
 from blockstate.training.steps import (
     StopSignals,
     autocast_factory,
     carries_state,
+    carry_is_finite,
+    clip_gradients,
     eta_seconds,
     step_nll,
     use_bf16,
 )
 
 logger = logging.getLogger("blockstate.train")
+
+
+class TrainingDiverged(ValueError):
+    """Too many consecutive steps with a non-finite loss or gradient (``max_skipped_steps``)."""
 
 
 @dataclasses.dataclass
@@ -60,6 +73,7 @@ class TrainResult:
     tokens: int
     train_seconds: float
     interrupted: str | None = None  # the signal name when stopped by SIGINT / SIGTERM
+    skipped_steps: int = 0  # optimiser steps skipped for a non-finite loss or gradient (whole run)
     validation: EvalResult | None = None
     test: EvalResult | None = None
     plots: list[Path] = dataclasses.field(default_factory=list)
@@ -101,8 +115,10 @@ class Trainer:
         if info.is_main:
             if resume_ckpt is None:
                 run_id = start_run(run_dir, self.cfg, self.overwrite)["run_id"]
-            elif (run_dir / RUN_FILE).is_file():
-                run_id = ckpt_io.read_json(run_dir / RUN_FILE).get("run_id")
+            else:
+                set_aside_newer(run_dir, resume_ckpt)
+                if (run_dir / RUN_FILE).is_file():
+                    run_id = ckpt_io.read_json(run_dir / RUN_FILE).get("run_id")
             run_id = run_id or saved.get("run_id")
         self.run_id = D.broadcast_object(run_id, info)
 
@@ -152,6 +168,11 @@ class Trainer:
         cfg, main = self.cfg, info.is_main
         say = self.say if main else (lambda *a, **k: None)
         corpus, tokenizer, train_data = self._data(info)
+        if resume_ckpt is not None:
+            check_same_tokenizer(resume_ckpt, tokenizer)
+            if saved.get("data_fingerprint") not in (None, corpus.fingerprint) and main:
+                logger.warning("the corpus %s changed since checkpoint %s (files added, removed or modified): the "
+                               "resumed run reads the new data from the saved position", corpus.name, resume_ckpt.name)
 
         # model (seeded identically on every rank; DDP / FSDP start from the same weights anyway)
         torch.manual_seed(cfg.seed)
@@ -193,6 +214,7 @@ class Trainer:
         total_steps = cfg.steps_for_tokens(tokens_per_step)
         budget_s = None if cfg.effective_time_budget() is None else cfg.effective_time_budget() * 60
         step, tokens, elapsed = 0, 0, 0.0
+        skipped = skipped_in_a_row = 0  # steps skipped for a non-finite loss / gradient: total, consecutive
         t_warm = 0.0 if cfg.warmup_steps == 0 else None  # training seconds at the end of warmup
         if resume_ckpt is not None:
             if saved.get("global_batch") != global_batch:
@@ -200,6 +222,7 @@ class Trainer:
                                  f"(batch x grad-accum x processes), this launch has {global_batch}: keep the "
                                  "product the same")
             step, tokens, elapsed = int(saved["step"]), int(saved["tokens"]), float(saved["train_seconds"])
+            skipped = int(saved.get("skipped_steps", 0))
             t_warm = saved.get("warmup_end_seconds")
             if total_steps is None and "steps" not in self.explicit and "tokens" not in self.explicit:
                 total_steps = saved.get("total_steps")
@@ -235,7 +258,8 @@ class Trainer:
             return {"run_id": self.run_id, "step": step, "total_steps": total_steps, "tokens": tokens,
                     "train_seconds": elapsed, "warmup_end_seconds": t_warm, "world_size": info.world_size,
                     "global_batch": global_batch, "seq_len": seq_len, "loader": loader.state_dict(),
-                    "schedule": {"kind": cfg.schedule, "step": step}}
+                    "schedule": {"kind": cfg.schedule, "step": step}, "skipped_steps": skipped,
+                    "data_fingerprint": corpus.fingerprint}
 
         last_saved = step if resume_ckpt is not None else -1
         ckpt_dir = resume_ckpt
@@ -290,15 +314,32 @@ class Trainer:
                         nll, carry = step_nll(wrapped, batch, info.device, autocast, carry, stateful)
                         (nll * scale).backward()
                     nll_sum += nll.detach()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = clip_gradients(model, cfg.grad_clip)
+                loss_sum, bad = D.all_reduce([float(nll_sum), 0.0 if math.isfinite(grad_norm) else 1.0], info)
                 step += 1
                 tokens += int(count)
-                loss_sum = D.all_reduce([float(nll_sum)], info)[0]
-                window_nll += loss_sum
-                window_count += count
+                if bad or not math.isfinite(loss_sum):
+                    # a NaN / inf update would poison the weights and the optimiser moments for good: drop it
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                    carry = None if carry is not None and not carry_is_finite(carry) else carry
+                    logger.warning("step %d: %s; optimiser step skipped (%d skipped so far, %d in a row)", step,
+                                   f"the loss is {loss_sum}" if not math.isfinite(loss_sum)
+                                   else f"the gradient norm is {grad_norm}", skipped, skipped_in_a_row)
+                    metrics.log("skip", step, loss=loss_sum, grad_norm=grad_norm, skipped_steps=skipped, lr=lr)
+                    if cfg.max_skipped_steps and skipped_in_a_row >= cfg.max_skipped_steps:
+                        raise TrainingDiverged(
+                            f"the loss or gradient was not finite for {skipped_in_a_row} steps in a row (steps "
+                            f"{step - skipped_in_a_row + 1}-{step}; weights kept from step "
+                            f"{step - skipped_in_a_row}): lower --lr (now {cfg.lr}), raise --warmup-steps or check "
+                            f"the data, then start again or resume from the last checkpoint "
+                            f"({ckpt_dir.name if ckpt_dir else 'none yet'}); --max-skipped-steps sets this limit")
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped_in_a_row = 0
+                    window_nll += loss_sum
+                    window_count += count
                 if cfg.warmup_steps and step == cfg.warmup_steps and t_warm is None:
                     t_warm = elapsed
                 elapsed += time.perf_counter() - t0
@@ -306,23 +347,22 @@ class Trainer:
                 elapsed = stop_now[1]
                 if stop_now[0] and interrupted is None:
                     interrupted = stop.signal or "SIGTERM"
-                if not math.isfinite(loss_sum):
-                    raise ValueError(f"the loss became {loss_sum} at step {step}: lower --lr (now {cfg.lr}) or raise "
-                                     "--warmup-steps and start again (earlier checkpoints are intact)")
                 budget_done = budget_s is not None and elapsed >= budget_s
                 done = (total_steps is not None and step >= total_steps) or budget_done or interrupted
                 if step % cfg.log_every == 0 or done:
                     now = time.perf_counter()
                     tok_s = (tokens - tokens_rate) / max(1e-9, now - t_rate)
                     t_rate, tokens_rate = now, tokens
-                    last_loss = window_nll / max(1.0, window_count)
-                    metrics.log("train", step, loss=last_loss, lr=lr, tokens=tokens, tok_s=tok_s,
-                                seconds=round(elapsed, 2))
+                    window_loss = window_nll / window_count if window_count else None  # None: all skipped
+                    last_loss = window_loss if window_loss is not None else last_loss
+                    metrics.log("train", step, loss=window_loss, lr=lr, tokens=tokens, tok_s=tok_s,
+                                seconds=round(elapsed, 2), grad_norm=grad_norm, skipped_steps=skipped)
                     window_nll = window_count = 0.0
                     eta = eta_seconds(step, total_steps, elapsed, budget_s)
                     if total_steps is None and budget_s and step > 0:
                         progress.set_total(max(step, int(step * budget_s / max(elapsed, 1e-9))))
-                    progress.update(step, total_steps, last_loss, tok_s, lr, eta)
+                    progress.update(step, total_steps, last_loss if last_loss is not None else math.nan, tok_s, lr,
+                                    eta)
                 if valid_head is not None and cfg.eval_every and step % cfg.eval_every == 0 and not done:
                     t_eval = time.perf_counter()
                     res = validate(valid_head)
@@ -343,7 +383,8 @@ class Trainer:
             val = validate(valid_head)
             metrics.log("eval", step, val_loss=val.loss, val_bpb=val.bpb, val_ppl=val.ppl, tokens=tokens)
         ckpt_dir = save() if step > 0 else ckpt_dir
-        result = TrainResult(run_dir, ckpt_dir, step, last_loss, tokens, elapsed, interrupted, validation=val)
+        result = TrainResult(run_dir, ckpt_dir, step, last_loss, tokens, elapsed, interrupted, skipped,
+                             validation=val)
         if interrupted:
             say(f"stopped by {interrupted} at step {step}; checkpoint {ckpt_dir}; continue with: "
                 f"blockstate train --resume {run_dir}")
@@ -362,7 +403,7 @@ class Trainer:
         if main:
             final = {"tokens": tokens, "train_seconds": round(elapsed, 1),
                      "wall_seconds": round(time.perf_counter() - t_wall, 1), "train_loss": last_loss,
-                     "parameters": n_params, "checkpoint": str(ckpt_dir)}
+                     "parameters": n_params, "checkpoint": str(ckpt_dir), "skipped_steps": skipped}
             if val is not None:
                 final.update(val_loss=val.loss, val_bpb=val.bpb, val_tokens=val.tokens)
             if result.test is not None:
@@ -380,9 +421,10 @@ class Trainer:
         if info.parallel == "fsdp" and info.enabled:  # sharded weights: read the full model back on this rank
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(ckpt_dir).to(info.device)
+            model = AutoModelForCausalLM.from_pretrained(ckpt_dir, use_safetensors=True).to(info.device)
         prompt = self.cfg.sample_prompt
         if prompt is None:  # something that suits the built-in corpora; elsewhere start a fresh document
             prompt = {"python-stdlib": "def ", "shakespeare": "ROMEO:"}.get(self.cfg.data, "")
         return sample_text(model, tokenizer, prompt, self.cfg.sample_tokens, context=seq_len,
                            temperature=self.cfg.temperature, seed=self.cfg.seed, device=info.device)
+
