@@ -6,6 +6,10 @@ from blockstate.models import BlockStateConfig
 
 VARIANT_KERNELS = [(v, k) for v in VARIANTS for k in KERNELS]
 
+# Tests run many small ops on tiny models: one thread is as fast, and immune to OpenMP threads spinning against
+# other processes on a shared machine (which slowed single tests here from about 1 s to 45 s).
+torch.set_num_threads(1)
+
 
 def small_config(variant: str = "sh", kernel: str = "s4d", **overrides) -> BlockStateConfig:
     """A model small enough for exhaustive tests: 3 layers (BST at 0 and 2), W=8, trained length 32."""
