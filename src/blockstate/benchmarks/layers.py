@@ -200,14 +200,6 @@ class PeakTensorMemory(TorchDispatchMode):
         return out
 
 
-def cpu_peak_supported() -> bool:  # TODO(review): drop with benchmarks/train.py's fresh-process pass
-    return True
-
-
-def pin_mmap_threshold() -> None:  # TODO(review): as above; the tensor tracker needs no allocator settings
-    return None
-
-
 def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     """Extra memory at the peak of one call, above what was allocated before it."""
     gc.collect()

@@ -18,11 +18,25 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     generation.add_arguments(g)
     g.set_defaults(run=run_generate)
 
+    from blockstate.benchmarks import train
+
+    t = kinds.add_parser("train", help="training tokens/s (forward+backward+optimizer) of every model vs length",
+                         description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(t)
+    t.set_defaults(run=run_train)
+
 
 def run_layers(args: argparse.Namespace) -> int:
     from blockstate.benchmarks import layers
 
     layers.run(args)
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from blockstate.benchmarks import train
+
+    train.run(args)
     return 0
 
 

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "eval": "blockstate.cli.eval",
     "generate": "blockstate.cli.generate",
     "models": "blockstate.cli.models",
+    "compare": "blockstate.cli.compare",
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, OSError)
