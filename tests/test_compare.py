@@ -41,6 +41,7 @@ def test_compare_writes_table_json_png_and_a_rerun_skips_finished_models(corpus,
     table = (out / "compare.md").read_text()
     assert table.count("| bst-sh-s4 |") == 2 and table.count("| slide |") == 2  # quality and length tables
     assert "bits/byte" in table and "shared machine" in table and "blockstate compare" in table
+    assert "slide carry state across training segments" in table  # the data-order caveat is in the table
     assert (out / "compare.png").stat().st_size > 0
     assert "training 2,048 tokens" in first
 
@@ -88,6 +89,8 @@ def test_an_interrupted_compare_resumes_from_the_checkpoint(corpus, tmp_path, ca
     (["--lengths", "2y"], "--lengths"),
     (["--batch-size", "0"], "--batch-size"),
     (["--split", "dev2"], "--split"),
+    (["--model-arg", "carry_state"], "--model-arg"),
+    (["--models", "brect", "--model-arg", "carry_state=false"], "carry_state"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(extra, message, corpus, tmp_path, capsys):
     assert main([*argv(corpus, tmp_path), *extra]) == 2

@@ -14,8 +14,8 @@ at most the steps since that checkpoint. A run directory trained with other sett
 Same data for every model: the same tokenised corpus and the same seeded segment order; models that carry state
 across segments (Slide, Transformer-XL, BRecT) read documents as contiguous lanes (their state must follow the
 text), so they see the same documents in another order. Evaluation follows ``blockstate.evaluation.evaluate``'s
-protocol on the whole split (or, with ``eval_tokens``, its first documents holding at most that many tokens);
-stateful models carry their state across segments of a document there too.
+protocol on the first documents of the split holding at most ``eval_tokens`` tokens (0: the whole split), the
+same documents for every model; stateful models carry their state across segments of a document there too.
 
 Quality numbers depend only on the token budget, never on timing; training wall time is reported beside them
 and is only as good as the machine was quiet.
@@ -34,9 +34,9 @@ from blockstate.benchmarks.common import machine, write_json
 
 DEFAULT_MODELS = ["bst-sh-s4", "bst-mh-s4", "bst-mf-s4", "bst-sh-unstructured", "bst-mf-unstructured", "slide",
                   "transformer-xl", "brect", "gpt", "gss-hybrid"]
-DEFAULT_TOKENS = 1_000_000  # ~30 min for the 10 default tiny models on 2 quiet CPU cores (see the README)
+DEFAULT_TOKENS = 1_000_000  # ~35 min with evaluation for the 10 default tiny models on 2 quiet CPU cores
 DEFAULT_LENGTHS = "1x,4x,16x"
-DEFAULT_EVAL_TOKENS = 0  # the whole split (python-stdlib test: 26 documents, 387k bytes)
+DEFAULT_EVAL_TOKENS = 262144  # python-stdlib test: the first 12 of 26 documents (203k bytes); 0 = all
 SETTINGS_FILE = "compare.json"
 EVAL_FILE = "compare-eval.json"
 
@@ -48,6 +48,7 @@ class CompareSettings:
     size: str = "tiny"
     tokens: int = DEFAULT_TOKENS
     seq_len: int | None = None  # None: the preset's max_train_length
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # config overrides for every model
     batch_size: int = 4
     lr: float | None = None  # None: the trainer's default
     seed: int = 0
@@ -93,14 +94,19 @@ def train_config(s: CompareSettings, corpus: str, model: str):
                                   sample_tokens=0, threads=s.threads, cache_dir=s.cache_dir, progress=s.progress)
     if s.lr is not None:
         values["lr"] = s.lr
+    if s.model_args:
+        values["model_args"] = dict(s.model_args)
     return TrainConfig(**values).validate()
 
 
 def identity(s: CompareSettings, corpus: str, model: str) -> dict[str, Any]:
     """What makes two trainings the same experiment (the recipe's other fields are the trainer's defaults)."""
     cfg = train_config(s, corpus, model)
-    return {k: getattr(cfg, k) for k in ("model", "size", "data", "tokenizer", "seq_len", "batch_size", "tokens",
-                                         "seed", "precision", "lr")}
+    ident = {k: getattr(cfg, k) for k in ("model", "size", "data", "tokenizer", "seq_len", "batch_size", "tokens",
+                                          "seed", "precision", "lr")}
+    if cfg.model_args:  # only when given, so runs made before the option existed still match
+        ident["model_args"] = dict(cfg.model_args)
+    return ident
 
 
 def eval_identity(s: CompareSettings) -> dict[str, Any]:
@@ -136,7 +142,7 @@ def train_one(s: CompareSettings, corpus: str, model: str, log: Any = print) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     if fresh:
         (run_dir / EVAL_FILE).unlink(missing_ok=True)
-    write_json(marker, {"train": ident})
+    write_json(marker, {"train": ident, "machine_at_training_start": machine()})  # wall time is only as good
     cfg = train_config(s, corpus, model)
     resume = None if fresh else latest_checkpoint(run_dir)
     log(f"== {model} on {corpus}: " + (f"resuming {resume}" if resume else f"training {s.tokens:,} tokens")
@@ -203,7 +209,8 @@ def run(s: CompareSettings, log: Any = print) -> dict[str, Any] | None:
     info = machine()
     log(f"compare on {info['device']}, torch {info['torch']}, {info['threads']} threads: {len(s.models)} models x "
         f"{len(s.corpora)} corpora, size {s.size}, {s.tokens:,} training tokens each; runs in {s.runs}")
-    entries: dict[str, dict[str, Any]] = {m: {"name": m, "corpora": {}} for m in s.models}
+    entries: dict[str, dict[str, Any]] = {m: {"name": m, "carries_state": carries_state(m, s), "corpora": {}}
+                                          for m in s.models}
     started = time.perf_counter()
     for corpus in s.corpora:
         for model in s.models:
@@ -215,11 +222,12 @@ def run(s: CompareSettings, log: Any = print) -> dict[str, Any] | None:
             ev = evaluate_one(s, corpus, model, log)
             log(f"   {model} on {corpus}: {train['status']}, {ev['status']}")
             entries[model]["parameters"] = train.get("parameters") or ev.get("parameters")
+            trained_on = (_read(s.run_dir(corpus, model) / SETTINGS_FILE) or {}).get("machine_at_training_start")
             entries[model]["corpora"][corpus] = {
                 "train": {k: train.get(k) for k in ("step", "tokens", "train_seconds", "wall_seconds", "train_loss",
                                                     "val_bpb", "val_loss")},
                 "eval": {k: ev[k] for k in ("train_length", "documents", "eval_seconds", "results")},
-                "run_dir": str(s.run_dir(corpus, model))}
+                "run_dir": str(s.run_dir(corpus, model)), "machine_at_training_start": trained_on}
     payload = {"benchmark": "compare", "command": s.command, "machine": info,
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(s).items()
                             if k not in ("command", "overwrite", "progress")},
@@ -234,6 +242,16 @@ def run(s: CompareSettings, log: Any = print) -> dict[str, Any] | None:
     return payload
 
 
+def carries_state(model: str, s: CompareSettings) -> bool:
+    """Whether ``model`` (with ``s.model_args``) carries state across training segments (built on the meta device)."""
+    import torch
+
+    from blockstate import registry
+
+    with torch.device("meta"):
+        return registry.carries_state(registry.create_model(model, s.size, **s.model_args))
+
+
 def _at(entry: dict[str, Any], corpus: str, factor: float) -> dict[str, Any] | None:
     c = entry["corpora"].get(corpus)
     if not c:
@@ -243,6 +261,16 @@ def _at(entry: dict[str, Any], corpus: str, factor: float) -> dict[str, Any] | N
         if train_length and abs(r["length"] / train_length - factor) < 1e-6:
             return r
     return None
+
+
+def _loads(payload: dict[str, Any]) -> str:
+    """The 1-minute load average when each model's training started, where the run directories recorded it."""
+    loads = [c["machine_at_training_start"].get("load_1min_at_start") for e in payload["models"]
+             for c in e["corpora"].values() if c.get("machine_at_training_start")]
+    loads = [x for x in loads if x is not None]
+    if not loads:
+        return "the load during training was not recorded"
+    return f"load average {min(loads):g}-{max(loads):g} when the models' training started"
 
 
 def _minutes(seconds: float | None) -> str:
@@ -263,13 +291,13 @@ def markdown(payload: dict[str, Any]) -> str:
              "",
              f"Training length L = {train_length}, batch {st['batch_size']}, tokenizer {st['tokenizer']}, seed "
              f"{st['seed']}, precision {st['precision']}; evaluated on {split}. Machine: {m['device']}, torch "
-             f"{m['torch']}, {m['threads']} "
-             f"threads, OMP_WAIT_POLICY {m.get('omp_wait_policy', '?')}, load {m.get('load_1min_at_start', '?')} "
-             "at start. Training time is wall-clock on a shared machine (noisy); the quality numbers depend only "
-             "on the token budget.",
+             f"{m['torch']}, {m['threads']} threads, OMP_WAIT_POLICY {m.get('omp_wait_policy', '?')}. Training "
+             f"time is wall-clock on a shared machine (noisy; {_loads(payload)}); the quality numbers depend "
+             "only on the token budget.",
              "",
              f"Command: `{payload['command']}`", ""]
-    head = "| model | parameters |" + "".join(f" {c} ppl | {c} bits/byte | {c} train time | tok/s |" for c in corpora)
+    head = "| model | parameters |" + "".join(f" {c} ppl | {c} bits/byte | {c} train time | train tok/s |"
+                                               for c in corpora)
     lines += [head, "|---|---|" + "---|---|---|---|" * len(corpora)]
     best = {c: min((_at(e, c, 1) or {"bpb": math.inf})["bpb"] for e in payload["models"]) for c in corpora}
     for e in payload["models"]:
@@ -284,6 +312,12 @@ def markdown(payload: dict[str, Any]) -> str:
             cells += [f"{r['ppl']:.3f}", f"{bold}{r['bpb']:.4f}{bold}", _minutes(t.get("train_seconds")),
                       "-" if rate is None else f"{rate:,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    stateful = [e["name"] for e in payload["models"] if e.get("carries_state")]
+    if stateful:
+        lines += ["", f"{', '.join(stateful)} carry state across training segments, so they train on "
+                      f"{st['batch_size']} lanes that walk through whole documents in order (their state must follow "
+                      "the text) instead of shuffled segments; at a small batch that is far less varied data per step "
+                      "(--model-arg carry_state=false trains Slide and Transformer-XL on shuffled segments)."]
     lines += ["", "Length generalisation: test bits per byte at 1x, 4x and 16x the training length "
                   "(lower is better; the last column is 16x minus 1x).", ""]
     factors = sorted({round(r["length"] / e["corpora"][c]["eval"]["train_length"], 6) for e in payload["models"]

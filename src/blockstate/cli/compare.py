@@ -7,10 +7,11 @@ last checkpoint. Quality depends only on the token budget (never on timing); wal
 machine.
 
 Budgets:
-  CPU (2 cores), the default: --size tiny --tokens 1M on python-stdlib: about 30 minutes for the 10 default models
-  on a quiet machine (training ~2/3, evaluation of the whole test split ~1/3), over an hour when the cores are
-  shared (--eval-tokens 131072 scores only the first documents, for a quicker look). Start it with
-  OMP_WAIT_POLICY=PASSIVE on a shared machine (spinning OpenMP threads slow small models down many times).
+  CPU (2 cores), the default: --size tiny --tokens 1M on python-stdlib, evaluated on the first 12 of the 26 test
+  documents (--eval-tokens 262144; 0 = the whole split, twice the evaluation time): about 35 minutes for the 10
+  default models on a quiet machine (training ~25 min, evaluation ~9 min), about an hour when the cores are
+  shared. Start it with OMP_WAIT_POLICY=PASSIVE on a shared machine (spinning OpenMP threads slow small models
+  down many times).
   GPU (estimates, not measured here): --size small --tokenizer bpe --tokens 200M --batch-size 16 --device cuda
   (L=2048, ~20M parameters): roughly 10-20 min per model on one H100; --size paper --tokenizer bpe:32000
   --tokens 2B --batch-size 32 --device cuda (L=4096, ~200M parameters): roughly 2-4 hours per model.
@@ -19,9 +20,11 @@ Budgets:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 from pathlib import Path
+from typing import Any
 
 
 def _count(text: str) -> int:
@@ -35,6 +38,16 @@ def _count(text: str) -> int:
     if value < 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
     return int(value)
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--model-arg {text!r}: use KEY=VALUE, e.g. --model-arg carry_state=false")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
@@ -51,6 +64,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help="training tokens per model, e.g. 1M, 200M (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=None, help="training length L (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=4, help="segments per step (default 4)")
+    p.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, default=[], metavar="K=V",
+                   help="override a model-config field for every model (repeatable), e.g. carry_state=false "
+                        "trains Slide / Transformer-XL on shuffled segments without carried state")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: blockstate train's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
     p.add_argument("--tokenizer", default="bytes", help="bytes, bpe, bpe:<vocab>, ... (default bytes)")
@@ -60,8 +76,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--lengths", default=DEFAULT_LENGTHS,
                    help="evaluation lengths, multiples of L or token counts (default %(default)s)")
     p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS,
-                   help="evaluate on the first documents of the split up to this many tokens (default 0: the "
-                        "whole split)")
+                   help="evaluate on the first documents of the split up to this many tokens, 0 = the whole split "
+                        "(default %(default)s)")
     p.add_argument("--split", default="test", help="evaluation split (default test)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps, for resuming (default 100)")
     p.add_argument("--runs", type=Path, default=Path("runs/compare"),
@@ -101,6 +117,7 @@ def settings(args: argparse.Namespace):
     if args.split not in ("train", "validation", "test"):
         raise ValueError(f"--split must be train, validation or test, got {args.split!r}")
     return CompareSettings(models=models, corpora=corpora, size=args.size, tokens=args.tokens, seq_len=args.seq_len,
+                           model_args=dict(args.model_args),
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, tokenizer=args.tokenizer,
                            precision=args.precision, device=args.device, lengths=args.lengths,
                            eval_tokens=args.eval_tokens, split=args.split, save_every=args.save_every, runs=args.runs,
@@ -116,9 +133,12 @@ def command_line(args: argparse.Namespace) -> str:
     defaults = vars(parser.parse_args(["compare"]))
     words = []
     for key, value in vars(args).items():
-        if key in defaults and key != "run" and value != defaults[key]:
+        if key in defaults and key not in ("run", "overwrite") and value != defaults[key]:
             flag = "--" + key.replace("_", "-")
-            words += [flag] if value is True else [flag, str(value)]
+            if key == "model_args":
+                words += [w for k, v in value for w in ("--model-arg", f"{k}={json.dumps(v)}")]
+            else:
+                words += [flag] if value is True else [flag, str(value)]
     env = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} " if "OMP_WAIT_POLICY" in os.environ else ""
     return env + "blockstate compare" + "".join(f" {shlex.quote(w)}" for w in words)
 
