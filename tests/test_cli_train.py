@@ -5,24 +5,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from training_helpers import one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from training_helpers import TINY_YAML, one_line_error, one_thread, write_corpus  # noqa: F401 (one_thread: autouse)
 
 from blockstate.cli.main import build_parser, main
 from blockstate.cli.train import explicit_settings
 from blockstate.training import TrainConfig, merge
 from blockstate.training.metrics import read_metrics
-
-TINY_YAML = """\
-model_args: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64,
-             num_context_states: 4}
-seq_len: 64
-block_size: 16
-batch_size: 4
-log_every: 1
-eval_every: 0
-sample_tokens: 0
-progress: false
-"""
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +41,6 @@ def test_flags_override_the_config_file(env):
     assert cfg.model_args["num_hidden_layers"] == 2
 
 
-def one_line_error(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, (argv, err)
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
 
 
 def test_bad_input_gives_one_line(env, tmp_path, capsys, monkeypatch):

@@ -32,13 +32,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCES = {"bf16": dict(max=0.02, mean=0.003, loss=5e-3), "fp16": dict(max=0.004, mean=5e-4, loss=1e-3)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and 2 threads on a busy 2-core machine thrash (50x slower seen)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def autocast(dtype_name: str):

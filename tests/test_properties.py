@@ -33,13 +33,6 @@ def examples(n: int):
 BASELINES = [n for n in list_models() if not n.startswith("bst-")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and 2 threads on a busy 2-core machine thrash (50x slower seen)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- valid configurations --------------------------------------------------------------------------------------

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import TINY_MODEL, one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from training_helpers import TINY_MODEL, one_line_error, one_thread, write_corpus  # noqa: F401 (one_thread: autouse)
 
-from blockstate.cli.main import main
 from blockstate.evaluation.runner import load_checkpoint
 from blockstate.training import TrainConfig, Trainer
 from blockstate.training import checkpoint as ckpt_io
@@ -63,12 +62,6 @@ def damage(path: Path, how: str, rnd: random.Random) -> None:
         path.unlink()
 
 
-def one_line_error(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, (argv, err)
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
 
 
 # -- manifest --------------------------------------------------------------------------------------------------

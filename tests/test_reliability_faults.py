@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_helpers import TINY_YAML as BASE_YAML
 from training_helpers import one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
 
 import blockstate.training.trainer as trainer_mod
@@ -34,19 +35,7 @@ from blockstate.training.model_factory import build_model
 from blockstate.training.optim import build_optimizer, group_of_parameters
 from blockstate.training.steps import clip_gradients
 
-TINY_YAML = """\
-model_args: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64,
-             num_context_states: 4}
-seq_len: 64
-block_size: 16
-batch_size: 4
-log_every: 1
-eval_every: 0
-sample_tokens: 0
-progress: false
-precision: fp32
-final_eval: false
-"""
+TINY_YAML = BASE_YAML + "precision: fp32\nfinal_eval: false\n"
 NAN = float("nan")
 
 

@@ -28,3 +28,27 @@ def write_corpus(root: Path, n_docs: int = 12, seed: int = 0) -> Path:
         lines = [" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 9))) for _ in range(rnd.randint(40, 90))]
         (root / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
     return root
+
+# settings of a tiny `blockstate train` run (the CLI tests add data and cache paths)
+TINY_YAML = """\
+model_args: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64,
+             num_context_states: 4}
+seq_len: 64
+block_size: 16
+batch_size: 4
+log_every: 1
+eval_every: 0
+sample_tokens: 0
+progress: false
+"""
+
+
+def one_line_error(capsys, argv) -> str:
+    """Run the CLI in-process; it must fail with exit code 2 and exactly one line on stderr, no traceback."""
+    from blockstate.cli.main import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, (argv, err)
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err

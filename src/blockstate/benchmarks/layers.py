@@ -53,7 +53,7 @@ class Setting:
     block: int = 128
     state: int = 16  # N, the S4D state size
     batch: int = 1
-    states: int = 128  # Block-Recurrent state vectors (= W) and MF context states
+    states: int = 128  # Block-Recurrent state vectors (= W; BST:MF uses the paper's S = 32 context states)
     dtype: str = "float32"  # or bfloat16 / float16: autocast (SSM parameters and FFTs stay fp32)
 
 

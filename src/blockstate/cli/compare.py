@@ -24,30 +24,8 @@ import json
 import os
 import shlex
 from pathlib import Path
-from typing import Any
 
-
-def _count(text: str) -> int:
-    """``1M``, ``500k``, ``2.5e6`` -> int (as ``blockstate train --tokens``)."""
-    t = text.strip().lower().replace("_", "")
-    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(t[-1:], 1)
-    try:
-        value = float(t[:-1] if scale > 1 else t) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 1000000, 1M, 500k)") from None
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive whole number")
-    return int(value)
-
-
-def _model_arg(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--model-arg {text!r}: use KEY=VALUE, e.g. --model-arg carry_state=false")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
+from blockstate.cli.train import _count, _model_arg  # the same --tokens / --model-arg syntax as train
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
