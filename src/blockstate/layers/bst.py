@@ -8,12 +8,20 @@ BST layer (spec section 2), for x (B, L, D):
     x   = x + Proj(concat(SelfAttn_block(u), CrossAttn_block(u, ctx)))     all blocks at once
     x   = x + FFN(norm(x))
 
-The SSM output only feeds the context states; it is not added to the residual stream.
+The SSM output only feeds the context states; it is not added to the residual stream. Beyond the paper,
+``ssm_residual="gated"`` also adds it, gated, as gated state-space layers (GSS, H3) do:
+
+    x   = x + Proj(concat(...)) + W_o(GELU(W_g u) * mean_c y)
+
+Why: in the paper's design the SSM reaches the stream only as cross-attention keys/values, so a token at the
+start of a block sees its recent past only through attention to a summary; GSS-Hybrid, which puts its SSM into
+the stream in every layer, beat every paper-configured BST on long books at equal parameters (issue 15).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import transformers.initialization as init
 from torch import nn
 
@@ -59,13 +67,23 @@ class ContextStates(nn.Module):
             init.normal_(self.context_ids, 0.0, std)
 
     def forward(self, u: torch.Tensor, cache: LayerCache | None = None, lengths: torch.Tensor | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int = 0, stream: bool = False):
         """u (B, L, D) -> context states. With ``cache``: prefill (start = 0) or, for start > 0, continue a
-        stream the cache has read ``start`` tokens of (block-aligned), then keep the state for what follows."""
+        stream the cache has read ``start`` tokens of (block-aligned), then keep the state for what follows.
+        ``stream=True`` returns (states, y), y (B, L, D) the SSM output averaged over its filters (the
+        ``ssm_residual`` input)."""
         if self.variant == "mf" and cache is None:  # only the outputs at block ends are needed
             count = num_blocks(u.shape[1], self.block_size) - 1
-            return self.summaries(self.ssm.block_ends(u, self.block_size, count), None)
+            states = self.summaries(self.ssm.block_ends(u, self.block_size, count), None)
+            return (states, self.ssm.mean_filter(u)) if stream else states
         y = self.ssm(u, cache, start)  # (B, D, C, L), fp32
+        if stream:
+            return self._states(y, u, cache, lengths, start), y.mean(2).transpose(1, 2)
+        return self._states(y, u, cache, lengths, start)
+
+    def _states(self, y: torch.Tensor, u: torch.Tensor, cache: LayerCache | None, lengths: torch.Tensor | None,
+                start: int) -> torch.Tensor:
+        """The variant's layout of the SSM output y (B, D, C, L); with ``cache``, keep the SSM's state too."""
         previous = cache.last_output if (cache is not None and start > 0 and self.variant == "mf") else None
         if cache is not None:  # hand the SSM over to the recurrence at position start + lengths[b]
             self.ssm.fill_cache(cache, u, lengths, start)
@@ -78,11 +96,18 @@ class ContextStates(nn.Module):
         return self.block_summaries(y, previous)
 
     @torch.no_grad()
-    def step(self, u: torch.Tensor, cache: LayerCache, position: torch.Tensor) -> torch.Tensor:
+    def step(self, u: torch.Tensor, cache: LayerCache, position: torch.Tensor, stream: bool = False):
         """u (B, D) at positions (B,) -> this position's context: sh (B, D), mh (B, H, D); mf (B, S, D), the
         states of a block starting at this position (the outputs at the previous position, or the initial
-        context at position 0), which the attention takes up at block starts only."""
+        context at position 0), which the attention takes up at block starts only. ``stream=True`` returns
+        (context, y), y (B, D) the output averaged over filters, as in ``forward``."""
         y = self.ssm.step(cache, u, position)  # (B, D, C)
+        if stream:
+            return self._step_states(y, u, cache, position), y.mean(-1)
+        return self._step_states(y, u, cache, position)
+
+    def _step_states(self, y: torch.Tensor, u: torch.Tensor, cache: LayerCache,
+                     position: torch.Tensor) -> torch.Tensor:
         if self.variant == "sh":
             return y[..., 0]
         if self.variant == "mh":
@@ -113,6 +138,21 @@ class ContextStates(nn.Module):
         return states + self.context_ids.float()
 
 
+class GatedSSMResidual(nn.Module):
+    """Beyond the paper (``ssm_residual="gated"``): W_o(GELU(W_g u) * y), the SSM output y gated by the layer's
+    normed input, added to the residual stream beside the attention (GSS's gate, without its narrow branch)."""
+
+    def __init__(self, dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.gate = nn.Linear(dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.out._residual_output = True  # depth-scaled init, like every residual branch's output
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.out(F.gelu(self.gate(u)) * y.to(u.dtype)))
+
+
 class BlockTransformerLayer(nn.Module):
     """Pre-norm block-local self-attention + FFN: the layers between BST layers (no SSM, no cross-attention)."""
 
@@ -130,6 +170,7 @@ class BlockTransformerLayer(nn.Module):
         self.ffn_norm = RMSNorm(dim, config.rms_norm_eps)
         self.ffn = FeedForward(dim, config.intermediate_size, config.hidden_dropout)
         self.context: ContextStates | None = None  # BSTLayer sets it
+        self.ssm_residual: GatedSSMResidual | None = None  # BSTLayer sets it with ssm_residual="gated"
         self.attention.out._residual_output = True  # depth-scaled init (BlockStatePreTrainedModel)
         self.ffn.down._residual_output = True
 
@@ -138,11 +179,17 @@ class BlockTransformerLayer(nn.Module):
         """x (B, L, D). With ``cache``, also keep what decoding needs (row b holds lengths[b] real tokens); with
         start > 0, continue the stream the cache has read ``start`` tokens of (start a multiple of W)."""
         u = self.norm(x)
-        context = self.context(u, cache, lengths, start) if self.context is not None else None
+        context = stream = None
+        if self.ssm_residual is not None:
+            context, stream = self.context(u, cache, lengths, start, stream=True)
+        elif self.context is not None:
+            context = self.context(u, cache, lengths, start)
         past = None
         if start > 0 and self.attention.attend_previous_block:  # at a block start "current" is the last block
             past = self.attention.block_past(cache)
         x = x + self.attention(u, context, past_kv=past)
+        if stream is not None:
+            x = x + self.ssm_residual(u, stream)
         if cache is not None:
             self.attention.fill_cache(cache, u, context, lengths)
         return x + self.ffn(self.ffn_norm(x))
@@ -151,8 +198,14 @@ class BlockTransformerLayer(nn.Module):
     def step(self, x: torch.Tensor, cache: LayerCache, position: torch.Tensor) -> torch.Tensor:
         """One token per row: x (B, D) at positions (B,) -> (B, D), equal to the parallel forward there."""
         u = self.norm(x)
-        context = self.context.step(u, cache, position) if self.context is not None else None
+        context = stream = None
+        if self.ssm_residual is not None:
+            context, stream = self.context.step(u, cache, position, stream=True)
+        elif self.context is not None:
+            context = self.context.step(u, cache, position)
         x = x + self.attention.step(u, cache, position, context)
+        if stream is not None:
+            x = x + self.ssm_residual(u, stream)
         return x + self.ffn(self.ffn_norm(x))
 
     def allocate_inference_cache(self) -> LayerCache:
@@ -167,3 +220,5 @@ class BSTLayer(BlockTransformerLayer):
         layout = "states" if config.variant == "mf" else "aligned"
         super().__init__(config, context=layout, context_per_head=config.variant == "mh")
         self.context = ContextStates(config)
+        if config.ssm_residual == "gated":
+            self.ssm_residual = GatedSSMResidual(config.hidden_size, config.hidden_dropout)

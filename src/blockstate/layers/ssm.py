@@ -194,6 +194,13 @@ class LongConvSSM(nn.Module):
         whole = torch.cat([carry.history[..., :start], u.transpose(1, 2).float()], dim=-1)
         return fft_causal_conv(whole, self.kernel(whole.shape[-1]), self.skip)[..., start:]
 
+    def mean_filter(self, u: torch.Tensor) -> torch.Tensor:
+        """u (B, L, D) -> the output averaged over the C filters, (B, L, D) fp32, as one convolution with the
+        mean kernel (convolution is linear), so no (B, D, C, L) output is formed."""
+        length = u.shape[1]
+        k = self.kernel(length).mean(1)
+        return fft_causal_conv(u.transpose(1, 2), k, self.skip.mean(1)).transpose(1, 2)
+
     def block_ends(self, u: torch.Tensor, block: int, count: int) -> torch.Tensor:
         """Only the outputs at positions block-1, 2*block-1, ... (``count`` of them): u (B, L, D) -> (B, D, C,
         count), fp32. S4D gets them through its state (``s4d_block_ends``), without the (B, D, C, L) output."""

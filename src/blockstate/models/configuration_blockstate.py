@@ -12,6 +12,7 @@ from blockstate.layers.ssm import KERNELS
 POSITION_ENCODINGS = ("rope", "none")
 PREVIOUS_BLOCK = ("window", "full")
 S4D_INITS = ("lin", "inv")
+SSM_RESIDUALS = ("none", "gated")
 LAYER_COLLECTIONS = (list, tuple, range, set, frozenset)
 
 
@@ -50,6 +51,9 @@ class BlockStateConfig(PretrainedConfig):
         previous_block: with attend_previous_block, ``"window"``: each token sees the previous W tokens (sliding
             window); ``"full"``: every token sees the whole previous block (Transformer-XL memory).
         position_encoding: ``"rope"`` inside blocks, or ``"none"``.
+        ssm_residual: ``"none"`` (the paper: the SSM output only feeds the context states) or ``"gated"`` (beyond
+            the paper: each BST layer also adds W_o(GELU(W_g u) * y) to the residual stream, y the SSM output
+            averaged over its filters, as gated state-space layers do; see ``blockstate.layers.bst``).
         hidden_dropout / attention_dropout: residual-branch and attention-probability dropout.
     """
 
@@ -77,6 +81,7 @@ class BlockStateConfig(PretrainedConfig):
         attend_previous_block: bool = False,
         previous_block: str = "window",
         position_encoding: str = "rope",
+        ssm_residual: str = "none",
         rope_theta: float = 10000.0,
         hidden_dropout: float = 0.0,
         attention_dropout: float = 0.0,
@@ -110,6 +115,7 @@ class BlockStateConfig(PretrainedConfig):
         self.attend_previous_block = attend_previous_block
         self.previous_block = previous_block
         self.position_encoding = position_encoding
+        self.ssm_residual = ssm_residual
         self.rope_theta = rope_theta
         self.hidden_dropout = hidden_dropout
         self.attention_dropout = attention_dropout
@@ -133,7 +139,7 @@ class BlockStateConfig(PretrainedConfig):
             positive(name)
         choices = {"variant": VARIANTS, "kernel": KERNELS, "position_encoding": POSITION_ENCODINGS,
                    "previous_block": PREVIOUS_BLOCK,
-                   "s4d_init": S4D_INITS}
+                   "s4d_init": S4D_INITS, "ssm_residual": SSM_RESIDUALS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
