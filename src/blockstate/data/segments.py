@@ -22,8 +22,16 @@ target of every continuation segment.  A segment is emitted only if it has at le
   the previous segment's last token, so a model that carries state must carry the state *after position
   L - 2* (before the last input) to see each token once; with ``overlap=0`` it carries the state after the
   full segment and the first target of each continuation segment is not scored.
+* ``contiguous=True, lane_span=K`` (K >= 1): each lane walks a bounded *run* of at most K consecutive segments
+  of one document, starting at a random segment (segment-aligned offset) of a random document, then jumps to a
+  new random start with ``reset`` True for that row.  A run ends after K segments or at the document's end.
+  Run starts are the segments of the split in a seeded per-epoch permutation (one start per segment per epoch),
+  so documents are drawn in proportion to their length, exactly as shuffled segments draw them: over N steps
+  with B lanes a model that carries state sees about as many documents as shuffled training drawing B*N/K
+  segments, instead of the B*N/(segments per document) that whole-document lanes walk through.
 
-Order and sharding.  The samples (segments, or documents for lanes) form an infinite stream: epoch e is a
+Order and sharding.  The samples (segments; documents for lanes; run starts, i.e. segments, for lane spans)
+form an infinite stream: epoch e is a
 permutation drawn from ``(seed, e)``.  Global batch g is positions ``[g*G, (g+1)*G)`` of that stream with
 ``G = batch_size * world_size``; rank r takes rows ``[r*b, (r+1)*b)``.  So N ranks with batch b see exactly
 the batches of one process with batch N*b, and ``state_dict()`` (plain ints) resumes mid-epoch exactly.
@@ -99,62 +107,84 @@ class _Order:
 
 
 class _Lanes:
-    """Lanes walking through documents: each pulls the next document of the order when its own ends."""
+    """Lanes walking through runs of consecutive segments: each pulls the next run of the order when its own ends.
 
-    def __init__(self, nseg: np.ndarray, order: _Order, lanes: int, finite: bool):
-        self.nseg, self.order, self.finite = nseg, order, finite
+    ``span=0``: sample q of the order is a document, and the run is the whole document.  ``span=K``: sample q is
+    a segment (``seg_doc`` / ``seg_k``: its document and index there), and the run is up to K segments from it,
+    cut at the end of its document.
+    """
+
+    def __init__(self, nseg: np.ndarray, order: _Order, lanes: int, finite: bool, span: int = 0):
+        self.nseg, self.order, self.finite, self.span = nseg, order, finite, span
+        if span:  # every segment of every document, as (document, index within it): the possible run starts
+            self.seg_doc = np.repeat(np.arange(len(nseg), dtype=np.int32), nseg)
+            self.seg_k = (np.arange(int(nseg.sum())) - np.repeat(np.cumsum(nseg) - nseg, nseg)).astype(np.int32)
         self.next_q = 0
-        self.lane_q = [-1] * lanes  # position in the order of the lane's document; -1 = none yet / idle
+        self.lane_q = [-1] * lanes  # position in the order of the lane's run; -1 = none yet / idle
         self.lane_k = [0] * lanes  # index of the lane's next segment within its document
 
-    def doc(self, q: int) -> int:
-        return int(self.order.take(q, 1)[0])
+    def run(self, q: int) -> tuple[int, int, int]:
+        """(document, first segment, end segment) of the run at position ``q`` of the order."""
+        s = int(self.order.take(q, 1)[0])
+        if not self.span:
+            return s, 0, int(self.nseg[s])
+        d, k = int(self.seg_doc[s]), int(self.seg_k[s])
+        return d, k, min(int(self.nseg[d]), k + self.span)
 
-    def step(self) -> list[tuple[int, int]] | None:
-        """Advance every lane one segment: ``[(document or -1 if idle, segment index)]``; None if all idle."""
+    def step(self) -> list[tuple[int, int, bool]] | None:
+        """Advance every lane one segment: ``[(document or -1 if idle, segment index, starts a run)]``; None if
+        every lane is idle."""
         rows = []
         for j, q in enumerate(self.lane_q):
-            if q < 0 or self.lane_k[j] >= self.nseg[self.doc(q)]:
+            if q < 0 or self.lane_k[j] >= self.run(q)[2]:
                 if self.finite and self.next_q >= self.order.n:
                     self.lane_q[j] = -1
-                    rows.append((-1, 0))
+                    rows.append((-1, 0, True))
                     continue
-                self.lane_q[j], self.lane_k[j] = self.next_q, 0
+                self.lane_q[j], self.lane_k[j] = self.next_q, self.run(self.next_q)[1]
                 self.next_q += 1
-            rows.append((self.doc(self.lane_q[j]), self.lane_k[j]))
+            doc, first, _ = self.run(self.lane_q[j])
+            rows.append((doc, self.lane_k[j], self.lane_k[j] == first))
             self.lane_k[j] += 1
-        return None if all(d < 0 for d, _ in rows) else rows
+        return None if all(d < 0 for d, _, _ in rows) else rows
 
 
 class SegmentLoader:
     """Infinite, deterministic, shardable and resumable iterator of training batches (see module doc).
 
     ``batch_size`` is per rank.  Iterating yields dicts of CPU tensors; ``state_dict()`` after k batches and
-    ``load_state_dict()`` on a fresh loader continue with batch k+1 exactly.
+    ``load_state_dict()`` on a fresh loader continue with batch k+1 exactly.  ``lane_span`` (with
+    ``contiguous``): runs of at most that many segments from random starts instead of whole documents.
     """
 
     def __init__(self, data: TokenizedSplit, seq_len: int, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, packing: bool = False, contiguous: bool = False, shuffle: bool = True,
-                 overlap: int = 1, _finite: bool = False):
+                 overlap: int = 1, lane_span: int = 0, _finite: bool = False):
         if seq_len < 2 or batch_size < 1:
             raise DataError(f"seq_len ({seq_len}) must be >= 2 and batch_size ({batch_size}) >= 1")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
         if overlap not in (0, 1):
             raise DataError(f"overlap must be 0 or 1, not {overlap}")
+        if isinstance(lane_span, bool) or not isinstance(lane_span, int) or lane_span < 0:
+            raise DataError(f"lane_span must be an integer >= 0 (0 = whole-document lanes), not {lane_span!r}")
+        if lane_span and not contiguous:
+            raise DataError("lane_span applies to contiguous lanes (models that carry state): pass contiguous=True "
+                            "or lane_span=0")
         if packing and contiguous:
             raise DataError("packing=True and contiguous=True cannot be combined: a row's reset flag cannot "
                             "mark a document boundary inside a segment; use one of them")
         self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.packing, self.contiguous, self.shuffle, self.overlap = packing, contiguous, shuffle, overlap
+        self.lane_span = lane_span
         self.global_batch = batch_size * world_size
-        self.mode = "contiguous" if contiguous else "packed" if packing else "segments"
+        self.mode = "spans" if lane_span else "contiguous" if contiguous else "packed" if packing else "segments"
         if contiguous:
             nseg = num_segments(np.diff(data.offsets), seq_len, overlap)
             self._active = np.flatnonzero(nseg > 0)
             self._nseg = nseg[self._active]
-            self.num_samples = len(self._active)
+            self.num_samples = int(self._nseg.sum()) if lane_span else len(self._active)
         elif packing:
             self.num_samples = int(num_segments(len(data.tokens), seq_len, overlap))
         else:
@@ -166,7 +196,7 @@ class SegmentLoader:
         self._position = 0  # samples of the global stream consumed (segment modes)
         self._steps = 0
         if contiguous:
-            self._lanes = _Lanes(self._nseg, self._order, self.global_batch, _finite)
+            self._lanes = _Lanes(self._nseg, self._order, self.global_batch, _finite, lane_span)
 
     def __iter__(self) -> SegmentLoader:
         return self
@@ -179,8 +209,12 @@ class SegmentLoader:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Global batches per pass over the samples (an estimate for lanes: documents differ in length)."""
+        """Global batches per pass over the samples (an estimate for lanes: documents differ in length; with
+        ``lane_span`` a pass starts one run at every segment, so it walks most segments several times)."""
         total = int(self._nseg.sum()) if self.contiguous else self.num_samples
+        if self.lane_span:
+            lanes = self._lanes
+            total = int(np.minimum(self.lane_span, self._nseg[lanes.seg_doc] - lanes.seg_k).sum())
         return max(1, math.ceil(total / self.global_batch))
 
     @property
@@ -211,12 +245,12 @@ class SegmentLoader:
         self._steps += 1
         mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         offs, stride = self.data.offsets, self.seq_len - self.overlap
-        starts = np.array([offs[self._active[d]] + k * stride if d >= 0 else 0 for d, k in mine],
+        starts = np.array([offs[self._active[d]] + k * stride if d >= 0 else 0 for d, k, _ in mine],
                           dtype=np.int64)
-        ends = np.array([offs[self._active[d] + 1] if d >= 0 else 0 for d, _ in mine], dtype=np.int64)
+        ends = np.array([offs[self._active[d] + 1] if d >= 0 else 0 for d, _, _ in mine], dtype=np.int64)
         batch = gather(self.data.tokens, starts, np.clip(np.minimum(self.seq_len, ends - starts), 0, None),
                        self.seq_len, self.data.eos_id)
-        batch["reset"] = torch.tensor([k == 0 for _, k in mine], dtype=torch.bool)
+        batch["reset"] = torch.tensor([first for _, _, first in mine], dtype=torch.bool)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -227,6 +261,8 @@ class SegmentLoader:
         if self.contiguous:
             state.update(lanes=self.global_batch, next_q=self._lanes.next_q, lane_q=list(self._lanes.lane_q),
                          lane_k=list(self._lanes.lane_k))
+        if self.lane_span:  # only then: states saved before lane_span existed keep their exact form
+            state["lane_span"] = self.lane_span
         else:
             state["position"] = self._position
         return state
@@ -236,10 +272,12 @@ class SegmentLoader:
         mine = self.state_dict()
         keys = ["version", "mode", "seed", "seq_len", "overlap", "shuffle", "num_samples"]
         keys += ["lanes"] if self.contiguous else []
+        keys += ["lane_span"] if self.lane_span else []
         bad = [f"{k}={state.get(k)!r} (this loader: {mine[k]!r})" for k in keys if state.get(k) != mine[k]]
         if bad:
             raise DataError(f"cannot resume: the saved loader state differs in {', '.join(bad)}; resume with "
-                            "the same corpus, tokenizer, seq_len, seed and (for lanes) global batch size")
+                            "the same corpus, tokenizer, seq_len, seed and (for lanes) global batch size and "
+                            "lane span")
         self._steps = int(state["steps"])
         if self.contiguous:
             self._lanes.next_q = int(state["next_q"])

@@ -46,6 +46,9 @@ class TrainConfig:
     tokenizer: str = "bytes"
     seq_len: int | None = None  # training segment length L; None = the preset's max_train_length
     packing: bool = False
+    # models that carry state (slide, transformer-xl, brect) read lanes of consecutive segments: 0 = each lane
+    # walks whole documents; K >= 1 = runs of at most K segments from random starts (far more documents per run)
+    lane_span: int = 0
     cache_dir: str | None = None
     # batch and budget
     batch_size: int = 4  # sequences per process per micro-step (small batches learn most per token here)
@@ -122,7 +125,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _positive_int(self, name)
         for name in ("eval_every", "save_every", "sample_tokens", "warmup_steps", "eval_tokens",
-                     "max_skipped_steps"):
+                     "max_skipped_steps", "lane_span"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{flag(name)} must be a non-negative integer, got {value!r}")

@@ -192,6 +192,9 @@ class Trainer:
         if resume_ckpt is not None:
             ckpt_io.load_model_weights(model, resume_ckpt)
         n_params = sum(p.numel() for p in model.parameters())
+        if cfg.lane_span and not carries_state(model):  # before _open_run: the corrected command must not clash
+            raise ValueError(f"--lane-span applies to models that carry state across segments (slide, transformer-xl, "
+                             f"brect); {cfg.model} reads shuffled segments: drop --lane-span")
         if main:  # weights + two optimiser moments per kept checkpoint, plus the one being written
             check_writable(run_dir, need_bytes=n_params * 4 * 3 * (cfg.keep_checkpoints + 1))
         self._open_run(info, run_dir, resume_ckpt, saved)
@@ -208,7 +211,8 @@ class Trainer:
             raise ValueError(f"{cfg.model} carries state across segments and trains on documents in order "
                              "(contiguous lanes with reset flags): drop --packing")
         loader = SegmentLoader(train_data, seq_len, cfg.batch_size, seed=cfg.seed, rank=info.rank,
-                               world_size=info.world_size, packing=cfg.packing, contiguous=stateful)
+                               world_size=info.world_size, packing=cfg.packing, contiguous=stateful,
+                               lane_span=cfg.lane_span)
         carry = None
         torch.manual_seed(cfg.seed + 1_000_003 * info.rank)  # dropout stream: distinct per rank
         total_steps = cfg.steps_for_tokens(tokens_per_step)
