@@ -39,10 +39,10 @@ def test_compare_writes_table_json_png_and_a_rerun_skips_finished_models(corpus,
         for r in c["eval"]["results"]:
             assert math.isfinite(r["ppl"]) and math.isfinite(r["bpb"]) and 0 < r["bpb"] < 9
     table = (out / "compare.md").read_text()
-    assert table.count("| bst-sh-s4 |") == 2 and table.count("| slide |") == 2  # quality and length tables
+    assert table.count("| bst-sh-s4 |") == 3 and table.count("| slide |") == 3  # quality, length, position tables
     assert "bits/byte" in table and "shared machine" in table and "blockstate compare" in table
     assert "slide carry state across training segments" in table  # the data-order caveat is in the table
-    assert (out / "compare.png").stat().st_size > 0
+    assert (out / "compare.png").stat().st_size > 0 and (out / "compare-position.png").stat().st_size > 0
     assert "training 2,048 tokens" in first
 
     ckpts = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("model.safetensors")}

