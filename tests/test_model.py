@@ -16,16 +16,20 @@ def build(variant="sh", kernel="s4d", **overrides) -> BlockStateForCausalLM:
 @pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)
 @pytest.mark.parametrize("length,t", [(32, 16), (32, 13), (37, 8), (45, 30), (70, 50)])
 def test_causality(variant, kernel, length, t):
-    """Changing tokens at positions >= t leaves logits < t unchanged and changes the logits at t. Lengths
-    cover multiples of W=8 and not, cut points on and off block boundaries, and lengths past max_train_length."""
+    """Changing tokens at positions >= t leaves logits < t unchanged, and changing a token s < t in an earlier
+    block changes the logits at t (attention is block-local here: only the SSM can carry it). Lengths cover
+    multiples of W=8 and not, cut points on and off block boundaries, and lengths past max_train_length."""
     model = build(variant, kernel)
     x = torch.randint(0, 61, (2, length))
     y = x.clone()
     y[:, t:] = (x[:, t:] + 1 + torch.randint(0, 59, y[:, t:].shape)) % 61
+    s = (t // 8) * 8 - 1  # the last token of the block before t's (every t here is >= W)
+    z = x.clone()
+    z[:, s] = (x[:, s] + 1) % 61
     with torch.no_grad():
-        a, b = model(x).logits, model(y).logits
+        a, b, c = model(x).logits, model(y).logits, model(z).logits
     assert (a[:, :t] - b[:, :t]).abs().max() < 1e-5
-    assert (a[:, t] - b[:, t]).abs().max() > 1e-4
+    assert (a[:, t] - c[:, t]).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)

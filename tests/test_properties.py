@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from blockstate.layers import KERNELS, VARIANTS
+from blockstate.layers.gss import GSS_KERNELS
 from blockstate.models import BlockStateConfig, BlockStateForCausalLM, preset_config
 from blockstate.models.configuration_blockstate import POSITION_ENCODINGS, PREVIOUS_BLOCK, S4D_INITS
 from blockstate.registry import create_model, list_models, model_config
@@ -162,7 +163,7 @@ def baseline_overrides(draw, name: str) -> dict:
     if name == "gss-hybrid":
         overrides.update(gss_hidden_size=draw(st.integers(2, 32)), gss_narrow_size=draw(st.integers(1, 8)),
                          attention_layers=sorted(rng.sample(range(layers), rng.randint(0, layers))),
-                         kernel=rng.choice(KERNELS))
+                         gss_kernel=rng.choice(GSS_KERNELS), gss_state_size=draw(st.integers(1, 8)))
     return overrides
 
 
@@ -315,7 +316,7 @@ def invalid_baseline_cases() -> list[tuple[str, str]]:
               "positive_int:num_attention_heads", "positive_int:intermediate_size", "positive_int:max_train_length",
               "choice:kernel", "choice:position_encoding", "choice:previous_block"]
     extra = {"brect": ["recurrent_layers", "num_state_vectors", "state_gate", "state_gate_bias"],
-             "gss-hybrid": ["attention_layers", "gss_hidden_size", "gss_narrow_size"]}
+             "gss-hybrid": ["attention_layers", "gss_hidden_size", "gss_narrow_size", "gss_state_size", "gss_kernel"]}
     return [(name, case) for name in BASELINES
             for case in common + extra.get(name, ["carry_state", "bst_layers", "positive_int:block_size"])]
 
@@ -330,10 +331,12 @@ def invalid_baseline_overrides(draw, case: str) -> tuple[dict, set[str]]:
     if case in ("recurrent_layers", "attention_layers"):
         bad = [[4], [-1], [1, 1], 0, "1", [0.0], [None], {"0": 1}] + ([[]] if case == "recurrent_layers" else [])
         return {"num_hidden_layers": 4, case: draw(st.sampled_from(bad))}, {case}
-    if case in ("num_state_vectors", "gss_hidden_size", "gss_narrow_size"):
+    if case in ("num_state_vectors", "gss_hidden_size", "gss_narrow_size", "gss_state_size"):
         return {case: draw(not_positive_int(allow_none=False))}, {case}  # gss_*: None = derive from hidden_size
     if case == "state_gate":
         return {case: draw(not_a_choice(("fixed", "lstm")))}, {case}
+    if case == "gss_kernel":
+        return {case: draw(not_a_choice(GSS_KERNELS))}, {case}
     if case == "state_gate_bias":
         return {case: draw(st.one_of(NON_FINITE, st.none(), WRONG_TYPES))}, {case}
     if case == "carry_state":

@@ -74,10 +74,11 @@ KERNEL_NAMES = {"s4": "s4d", "unstructured": "unstructured", "explicit": "explic
 # Budget knobs per size, tuned so each baseline lands within 5% of bst-sh-s4 (tests/test_registry.py checks it).
 ATTENTION_FFN = {"tiny": 1280, "small": 1856, "paper": 4352}  # gpt / slide / transformer-xl: paper Slide 190.1M
 BRECT_FFN = {"tiny": 1024, "small": 1600, "paper": 4224}  # paper Rec:fixed:skip 196.4M (S = W = 512 states)
-GSS = {  # 4/3 the BST depth (a GSS layer is lighter than a Transformer layer), narrow branch D/4
-    "tiny": dict(num_hidden_layers=6, gss_hidden_size=960, gss_narrow_size=64),
-    "small": dict(num_hidden_layers=12, gss_hidden_size=1344, gss_narrow_size=96),
-    "paper": dict(num_hidden_layers=16, gss_hidden_size=3968, gss_narrow_size=256),
+GSS = {  # paper size is the GSS paper's own layer (F = 4E, H = E/4, N = 512 DSS modes) at 16 layers; the smaller
+    # sizes keep 4/3 the BST depth, H = D/4 and N = 512, and narrow F to the budget
+    "tiny": dict(num_hidden_layers=6, gss_hidden_size=832, gss_narrow_size=64),
+    "small": dict(num_hidden_layers=12, gss_hidden_size=1216, gss_narrow_size=96),
+    "paper": dict(num_hidden_layers=16, gss_hidden_size=4096, gss_narrow_size=256),
 }
 
 

@@ -1,25 +1,78 @@
 """The Gated State Space layer (Mehta et al. 2022, "Long Range Language Modeling via Gated State Spaces").
 
-For x (B, L, D), pre-norm and residual:
+As in the paper's Fig. 1 pseudo-code (``gss(x, F=4096, L=4096, E=1024, H=256)``), for x (B, L, E), pre-norm and
+residual:
 
-    u = norm(x)
-    v = GELU(W_v u)          (B, L, F)   the wide, gating branch
-    s = GELU(W_s u)          (B, L, N)   the narrow branch, N << D
-    y = SSM(s)               (B, L, N)   a diagonal SSM, one filter per channel (the project's LongConvSSM)
-    x = x + W_o((W_y y) * v)             W_y: N -> F with no activation, as in the paper's pseudocode
+    u  = norm(x)
+    v  = GELU(W_v u)          (B, L, F)   the wide, gating branch                   (paper: F = 4E)
+    s  = GELU(W_s u)          (B, L, H)   the narrow branch, H << E                 (paper: H = E/4 = 256)
+    y  = DSS(s)               (B, L, H)   a DSS-EXP kernel per narrow channel, N complex modes shared by the
+                                          channels (``blockstate.ops.dss``), plus the D skip term
+    uc = W_uc y               (B, L, F)   narrow -> wide, no activation
+    x  = x + W_o(uc * v)
 
-The SSM is the same ``LongConvSSM`` + kernel family as BST's (``make_kernel``: S4D by default), not a copy.
-A GSS layer has no FFN: the gated branch plays that role.
+What was followed, and what could not be checked against the paper's text (this was written from memory of it):
+- the shapes and the order above, the GELUs on both branches, no activation on W_uc, no FFN (the gated branch
+  plays its role), the DSS on the narrow branch only, F = 4E and H = E/4 from Fig. 1's defaults (the registry's
+  presets tune F and the depth so GSS-Hybrid matches BST:SH:S4's parameter budget);
+- DSS-EXP with Lambda shared across channels and W and dt per channel, as in DSS; N = 512 modes by default
+  (``gss_state_size``), a state far larger than BST's N = 16, which a shared Lambda makes cheap;
+- not verified: the paper's ``norm`` (its kind; here the project's RMSNorm), Lambda's initialisation (here S4D's
+  ``s4d_init``, "lin" by default, "inv" approximating the HiPPO eigenvalues DSS used), whether GSS kept a
+  learnable dt and the D skip term (both kept here, as in DSS).
+
+``gss_kernel`` other than ``"dss"`` (``"s4d"``, ``"unstructured"``, ``"explicit"``) runs the project's kernel of
+that name on the narrow branch instead (``make_kernel``, one filter per channel), for ablations. Either way the
+kernel is applied by ``LongConvSSM`` (the causal ``fft_causal_conv``) and its parameters are fp32 and tagged
+``_ssm`` (lower learning rate, no weight decay). Streaming (an inference cache) is not implemented for GSS.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import transformers.initialization as init
 from torch import nn
 
 from blockstate.layers.common import RMSNorm
-from blockstate.layers.ssm import LongConvSSM, make_kernel
+from blockstate.layers.ssm import LongConvSSM, _tag_ssm, make_kernel
+from blockstate.ops import dss_init, dss_kernel
+
+GSS_KERNELS = ("dss", "s4d", "unstructured", "explicit")
+
+
+class DSSKernel(nn.Module):
+    """DSS-EXP kernels for ``channels`` channels sharing ``state_size`` complex modes: ``kernel(L) -> (C, 1, L)``."""
+
+    def __init__(self, channels: int, state_size: int = 512, init: str = "lin", dt_min: float = 1e-3,
+                 dt_max: float = 1e-1):
+        super().__init__()
+        self.channels, self.state_size, self.init, self.dt_range = channels, state_size, init, (dt_min, dt_max)
+        self.log_dt = nn.Parameter(torch.empty(channels))
+        self.log_lambda_re = nn.Parameter(torch.empty(state_size))
+        self.lambda_im = nn.Parameter(torch.empty(state_size))
+        self.w = nn.Parameter(torch.empty(channels, state_size, 2))
+        _tag_ssm(self.log_dt, self.log_lambda_re, self.lambda_im, self.w)
+        self.init_parameters()
+
+    @torch.no_grad()
+    def init_parameters(self, std: float = 0.02) -> None:
+        for name, value in dss_init(self.channels, self.state_size, self.init, *self.dt_range).items():
+            init.copy_(getattr(self, name), value)
+
+    def forward(self, length: int) -> torch.Tensor:
+        return dss_kernel(self.log_dt, self.log_lambda_re, self.lambda_im, self.w, length).unsqueeze(1)
+
+
+def gss_kernel(config, channels: int) -> nn.Module:
+    """The narrow branch's kernel bank named by ``config.gss_kernel``."""
+    if config.gss_kernel == "dss":
+        return DSSKernel(channels, config.gss_state_size, config.s4d_init, config.ssm_dt_min, config.ssm_dt_max)
+    return make_kernel(
+        config.gss_kernel, channels, 1, state_size=config.ssm_state_size, s4d_init=config.s4d_init,
+        dt_min=config.ssm_dt_min, dt_max=config.ssm_dt_max, max_train_length=config.max_train_length,
+        filter_hidden=config.filter_hidden_size, filter_bands=config.filter_num_bands,
+    )
 
 
 class GatedStateSpaceLayer(nn.Module):
@@ -27,16 +80,11 @@ class GatedStateSpaceLayer(nn.Module):
         super().__init__()
         dim, wide, narrow = config.hidden_size, config.gss_hidden_size, config.gss_narrow_size
         self.norm = RMSNorm(dim, config.rms_norm_eps)
-        self.wide = nn.Linear(dim, wide, bias=False)
-        self.narrow = nn.Linear(dim, narrow, bias=False)
-        kernel = make_kernel(
-            config.kernel, narrow, 1, state_size=config.ssm_state_size, s4d_init=config.s4d_init,
-            dt_min=config.ssm_dt_min, dt_max=config.ssm_dt_max, max_train_length=config.max_train_length,
-            filter_hidden=config.filter_hidden_size, filter_bands=config.filter_num_bands,
-        )
-        self.ssm = LongConvSSM(narrow, 1, kernel)
-        self.expand = nn.Linear(narrow, wide, bias=False)
-        self.out = nn.Linear(wide, dim, bias=False)
+        self.wide = nn.Linear(dim, wide, bias=False)  # W_v
+        self.narrow = nn.Linear(dim, narrow, bias=False)  # W_s
+        self.ssm = LongConvSSM(narrow, 1, gss_kernel(config, narrow))
+        self.expand = nn.Linear(narrow, wide, bias=False)  # W_uc
+        self.out = nn.Linear(wide, dim, bias=False)  # W_o
         self.out._residual_output = True  # depth-scaled init, like every residual branch's output
         self.dropout = nn.Dropout(config.hidden_dropout)
 
@@ -44,5 +92,5 @@ class GatedStateSpaceLayer(nn.Module):
         u = self.norm(x)
         v = F.gelu(self.wide(u))
         s = F.gelu(self.narrow(u))
-        y = self.ssm(s)[:, :, 0].transpose(1, 2).to(s.dtype)  # (B, N, 1, L) fp32 -> (B, L, N)
+        y = self.ssm(s)[:, :, 0].transpose(1, 2).to(s.dtype)  # (B, H, 1, L) fp32 -> (B, L, H)
         return x + self.dropout(self.out(self.expand(y) * v))

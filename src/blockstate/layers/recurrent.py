@@ -3,16 +3,25 @@
 One layer of a sliding-window stack also holds S state vectors. The segment is walked block by block (that is the
 point: BRecT is sequential across blocks, BST is not). For each block of W tokens, with c the state before it:
 
-    tokens ("vertical"):  x = x + Proj(concat(SlidingSelfAttn(norm x), CrossAttn(norm x -> c + ids)))
+    s = norm(c) + ids     the states' pre-attention norm, then their learned IDs (as meliad adds them)
+    tokens ("vertical"):  x = x + Proj(concat(SlidingSelfAttn(norm x), CrossAttn(norm x -> s)))
                           x = x + FFN(norm x)
-    states ("horizontal"): z = Proj_s(concat(SelfAttn(c + ids -> c + ids), CrossAttn(c + ids -> block tokens)))
+    states ("horizontal"): z = Proj_s(concat(SelfAttn(s -> s), CrossAttn(s -> block tokens)))
                           c' = c * g + z * (1 - g),  g = sigmoid(b)          ("fixed" gate; "lstm" is an option)
 
-"skip": no FFN on the state path. The vertical half is exactly a ``BlockTransformerLayer`` whose ``BlockAttention``
-cross-attends to ``"states"`` (a W x 2W sliding tile plus S unmasked states), so this layer subclasses it and calls
-it on one block at a time. As in BRecT, keys/values are shared between the two directions: the states' keys and
-values come from the attention's context projection, the tokens' from its self-attention projection
-(``return_kv``); only the states' queries, their output projection and the gate are new parameters.
+"skip": no FFN on the state path. Following meliad (the authors' code, ``transformer_layer.py`` and the KVQ layer
+of ``transformer_base.py``), the state IDs are added *after* the states' pre-attention norm and are initialised
+N(0, 1), as strong as the normed states they tell apart; the initial state is N(0, 1) too. Both are exempt from
+weight decay (``blockstate.training.optim``). The gate keeps this project's documented initialisation, b =
+``state_gate_bias`` (default 2: g = 0.88, the state mostly kept at first), not a value taken from meliad (its
+gate initialisation could not be checked here).
+
+The vertical half is exactly a ``BlockTransformerLayer`` whose ``BlockAttention`` cross-attends to ``"states"``
+(a W x 2W sliding tile plus S unmasked states), so this layer subclasses it and calls it on one block at a time.
+As in BRecT, keys/values are shared between the two directions: the states' keys and values come from the
+attention's context projection (its context norm is replaced by ``StateNorm``, which adds the IDs), the tokens'
+from its self-attention projection (``return_kv``); only the states' queries, their output projection and the
+gate are new parameters.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from torch import nn
 
 from blockstate.layers.bst import BlockTransformerLayer
 from blockstate.layers.cache import LayerCache
+from blockstate.layers.common import RMSNorm
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -47,6 +57,17 @@ def carry_block_layer(layer: BlockTransformerLayer, x: torch.Tensor, past_kv: KV
     return x, (last_window(past_k, k, w), last_window(past_v, v, w))
 
 
+class StateNorm(RMSNorm):
+    """The states' pre-attention norm followed by their learned IDs: norm(c) + ids, for states (..., S, D)."""
+
+    def __init__(self, dim: int, num_states: int, eps: float = 1e-6):
+        super().__init__(dim, eps)
+        self.state_ids = nn.Parameter(torch.empty(num_states, dim))  # the states have no order otherwise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.state_ids.to(x.dtype)
+
+
 class BlockRecurrentLayer(BlockTransformerLayer):
     """A sliding-window Block Transformer layer with S recurrent state vectors, walked block by block."""
 
@@ -57,7 +78,9 @@ class BlockRecurrentLayer(BlockTransformerLayer):
         dim, self.num_states, self.gate_kind = config.hidden_size, config.num_state_vectors, config.state_gate
         self.gate_bias_init = config.state_gate_bias
         self.initial_state = nn.Parameter(torch.empty(self.num_states, dim))
-        self.state_ids = nn.Parameter(torch.empty(self.num_states, dim))  # the states have no order otherwise
+        # every use of the states (their queries, the keys/values both directions read) goes through the
+        # attention's context norm: IDs added there sit after the norm, where meliad adds them
+        self.attention.context_norm = StateNorm(dim, self.num_states, config.rms_norm_eps)
         self.state_queries = nn.Linear(dim, 2 * dim, bias=False)  # self- and cross-attention queries of the states
         self.state_out = nn.Linear(2 * dim, dim, bias=False)
         if self.gate_kind == "fixed":
@@ -67,10 +90,15 @@ class BlockRecurrentLayer(BlockTransformerLayer):
             self.gate_bias = nn.Parameter(torch.empty(2, dim))
         self.init_parameters(config.initializer_range)  # usable standalone; a PreTrainedModel re-initialises
 
+    @property
+    def state_ids(self) -> nn.Parameter:
+        """(S, D) learned state IDs, added after the states' norm (they live in ``attention.context_norm``)."""
+        return self.attention.context_norm.state_ids
+
     @torch.no_grad()
     def init_parameters(self, std: float) -> None:
         init.normal_(self.initial_state, 0.0, 1.0)  # normed before use, like the MF initial context
-        init.normal_(self.state_ids, 0.0, std)
+        init.normal_(self.state_ids, 0.0, 1.0)  # meliad: N(0, 1), added after the norm
         if self.gate_kind == "fixed":
             init.constant_(self.gate_bias, self.gate_bias_init)  # g = sigmoid(b) near 1: keep the state at first
         else:
@@ -89,21 +117,19 @@ class BlockRecurrentLayer(BlockTransformerLayer):
         w = self.attention.block_size
         blocks, kv = [], past_kv
         for start in range(0, x.shape[1], w):
-            ctx = state + self.state_ids  # (B, S, D)
-            block, kv_next = carry_block_layer(self, x[:, start : start + w], kv, ctx[:, None].to(x.dtype))
+            block, kv_next = carry_block_layer(self, x[:, start : start + w], kv, state[:, None].to(x.dtype))
             blocks.append(block)
             n = block.shape[1]  # the block's own keys/values: the last n of the window (a last block may be short)
-            state = self.update_state(state, ctx, kv_next[0][:, :, -n:], kv_next[1][:, :, -n:])
+            state = self.update_state(state, kv_next[0][:, :, -n:], kv_next[1][:, :, -n:])
             kv = kv_next
         return torch.cat(blocks, dim=1), state, kv
 
-    def update_state(self, state: torch.Tensor, ctx: torch.Tensor, keys: torch.Tensor,
-                     values: torch.Tensor) -> torch.Tensor:
+    def update_state(self, state: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """c (B, S, D) -> c' after a block whose tokens have ``keys``/``values`` (B, H, n, d)."""
         attn = self.attention
         heads, d = attn.num_heads, attn.head_dim
-        q_self, q_cross = self.state_queries(attn.context_norm(ctx)).unflatten(-1, (2, heads, d)).unbind(2)
-        k_states, v_states = attn.context_keys_values(ctx)  # (B, S, H, d) each
+        q_self, q_cross = self.state_queries(attn.context_norm(state)).unflatten(-1, (2, heads, d)).unbind(2)
+        k_states, v_states = attn.context_keys_values(state)  # (B, S, H, d) each, from norm(c) + ids
         q_self, q_cross, k_states, v_states = (t.transpose(1, 2) for t in (q_self, q_cross, k_states, v_states))
         a_self = attn._sdpa(q_self, k_states, v_states)  # no mask: the states see each other and the whole block
         a_cross = attn._sdpa(q_cross.to(keys.dtype), keys, values)
@@ -122,13 +148,13 @@ class BlockRecurrentLayer(BlockTransformerLayer):
         that block's keys/values exactly as in the parallel pass."""
         if cache.recurrent_state is None:
             cache.recurrent_state = self.initial(x.shape[0]).float().clone()
-        ctx = cache.recurrent_state + self.state_ids
+        state = cache.recurrent_state
         u = self.norm(x)
-        x = x + self.attention.step(u, cache, position, ctx.to(x.dtype))
+        x = x + self.attention.step(u, cache, position, state.to(x.dtype))
         x = x + self.ffn(self.ffn_norm(x))
         ends = (position + 1) % self.attention.block_size == 0
         if bool(ends.any()):
             keys, values = self.attention.block_past(cache)  # the finished block, keys un-rotated
-            new = self.update_state(cache.recurrent_state, ctx, keys, values)
+            new = self.update_state(state, keys, values)
             cache.recurrent_state = torch.where(ends.view(-1, 1, 1), new.float(), cache.recurrent_state)
         return x

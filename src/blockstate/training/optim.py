@@ -3,8 +3,9 @@
 Three groups:
 
 - ``decay``: matrices of attention / FFN projections: full learning rate, weight decay;
-- ``no_decay``: norms, biases, embeddings (the tied LM head included) and the MF variant's learned context
-  vectors: full learning rate, no weight decay (decaying them only shrinks scales the norms undo);
+- ``no_decay``: norms, biases, embeddings (the tied LM head included), the MF variant's learned context
+  vectors and the Block-Recurrent layer's initial state and state IDs: full learning rate, no weight decay
+  (decaying them only shrinks scales the norms undo; meliad exempts BRecT's state vectors too);
 - ``ssm``: parameters tagged ``p._ssm`` (S4D's A, B/C, dt; implicit-filter MLPs; explicit kernels; D skip):
   a lower learning rate and no weight decay, as in S4 / Hyena, whose kernels diverge at transformer rates.
 
@@ -22,7 +23,7 @@ from torch import nn
 from blockstate.training.config import TrainConfig
 
 DEFAULT_SSM_LR_CAP = 1e-3
-NO_DECAY_NAMES = ("initial_context", "context_ids")
+NO_DECAY_NAMES = ("initial_context", "context_ids", "initial_state", "state_ids")
 
 
 def group_of_parameters(model: nn.Module) -> dict[str, str]:
