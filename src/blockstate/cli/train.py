@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     g.add_argument("--dropout", type=float, default=S, help="residual dropout (default: the preset's)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=S, help="python-stdlib, shakespeare, a directory, a .txt/.jsonl file, "
+    g.add_argument("--data", default=S, help="python-stdlib, shakespeare, books, a directory, a .txt/.jsonl file, "
                                              "hf:<name> (default python-stdlib)")
     g.add_argument("--tokenizer", default=S, help="bytes, bpe, bpe:<vocab>, a SentencePiece .model, a saved "
                                                   "tokenizer directory (default bytes)")
