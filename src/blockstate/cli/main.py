@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "generate": "blockstate.cli.generate",
     "models": "blockstate.cli.models",
     "compare": "blockstate.cli.compare",
+    "ablate": "blockstate.cli.ablate",
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, OSError)
