@@ -9,9 +9,10 @@ BST layer (spec section 2), for x (B, L, D):
     x   = x + FFN(norm(x))
 
 The SSM output only feeds the context states; it is not added to the residual stream. Beyond the paper,
-``ssm_residual="gated"`` also adds it, gated, as gated state-space layers (GSS, H3) do:
+``ssm_residual`` also puts it into the stream, as gated state-space layers (GSS, H3) do, y' = mean_c y:
 
-    x   = x + Proj(concat(...)) + W_o(GELU(W_g u) * mean_c y)
+    "gated":  x   = x + Proj(concat(...)) + W_o(GELU(W_g u) * y')
+    "ffn":    the FFN becomes a GLU gated by the SSM, x = x + W_down(GELU(W_up norm(x)) * W_y y')
 
 Why: in the paper's design the SSM reaches the stream only as cross-attention keys/values, so a token at the
 start of a block sees its recent past only through attention to a summary; GSS-Hybrid, which puts its SSM into
@@ -74,12 +75,12 @@ class ContextStates(nn.Module):
         ``ssm_residual`` input)."""
         if self.variant == "mf" and cache is None:  # only the outputs at block ends are needed
             count = num_blocks(u.shape[1], self.block_size) - 1
-            states = self.summaries(self.ssm.block_ends(u, self.block_size, count), None)
+            states = self.summaries(self.ssm.block_ends(u, self.block_size, count), None).to(u.dtype)
             return (states, self.ssm.mean_filter(u)) if stream else states
         y = self.ssm(u, cache, start)  # (B, D, C, L), fp32
-        if stream:
-            return self._states(y, u, cache, lengths, start), y.mean(2).transpose(1, 2)
-        return self._states(y, u, cache, lengths, start)
+        # the SSM runs in fp32; its states meet the attention in the activations' dtype (a model cast to bf16)
+        states = self._states(y, u, cache, lengths, start).to(u.dtype)
+        return (states, y.mean(2).transpose(1, 2)) if stream else states
 
     def _states(self, y: torch.Tensor, u: torch.Tensor, cache: LayerCache | None, lengths: torch.Tensor | None,
                 start: int) -> torch.Tensor:
@@ -102,9 +103,8 @@ class ContextStates(nn.Module):
         context at position 0), which the attention takes up at block starts only. ``stream=True`` returns
         (context, y), y (B, D) the output averaged over filters, as in ``forward``."""
         y = self.ssm.step(cache, u, position)  # (B, D, C)
-        if stream:
-            return self._step_states(y, u, cache, position), y.mean(-1)
-        return self._step_states(y, u, cache, position)
+        states = self._step_states(y, u, cache, position).to(u.dtype)  # fp32 SSM -> the activations' dtype
+        return (states, y.mean(-1)) if stream else states
 
     def _step_states(self, y: torch.Tensor, u: torch.Tensor, cache: LayerCache,
                      position: torch.Tensor) -> torch.Tensor:
@@ -153,6 +153,22 @@ class GatedSSMResidual(nn.Module):
         return self.dropout(self.out(F.gelu(self.gate(u)) * y.to(u.dtype)))
 
 
+class SSMGatedFeedForward(nn.Module):
+    """Beyond the paper (``ssm_residual="ffn"``): the BST layer's FFN as a GLU whose second branch is the SSM
+    output, W_down(GELU(W_up v) * W_y y), as a GSS layer's wide gate multiplies its expanded SSM branch. The same
+    three matrices as a GLU FFN: the SSM reaches the stream with no extra projection."""
+
+    def __init__(self, dim: int, intermediate: int, dropout: float = 0.0):
+        super().__init__()
+        self.up = nn.Linear(dim, intermediate, bias=False)
+        self.expand = nn.Linear(dim, intermediate, bias=False)
+        self.down = nn.Linear(intermediate, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(v)) * self.expand(y.to(v.dtype))))
+
+
 class BlockTransformerLayer(nn.Module):
     """Pre-norm block-local self-attention + FFN: the layers between BST layers (no SSM, no cross-attention)."""
 
@@ -171,6 +187,7 @@ class BlockTransformerLayer(nn.Module):
         self.ffn = FeedForward(dim, config.intermediate_size, config.hidden_dropout)
         self.context: ContextStates | None = None  # BSTLayer sets it
         self.ssm_residual: GatedSSMResidual | None = None  # BSTLayer sets it with ssm_residual="gated"
+        self.ssm_ffn = False  # BSTLayer sets it with ssm_residual="ffn" (self.ffn is an SSMGatedFeedForward)
         self.attention.out._residual_output = True  # depth-scaled init (BlockStatePreTrainedModel)
         self.ffn.down._residual_output = True
 
@@ -180,7 +197,7 @@ class BlockTransformerLayer(nn.Module):
         start > 0, continue the stream the cache has read ``start`` tokens of (start a multiple of W)."""
         u = self.norm(x)
         context = stream = None
-        if self.ssm_residual is not None:
+        if self.ssm_residual is not None or self.ssm_ffn:
             context, stream = self.context(u, cache, lengths, start, stream=True)
         elif self.context is not None:
             context = self.context(u, cache, lengths, start)
@@ -188,25 +205,25 @@ class BlockTransformerLayer(nn.Module):
         if start > 0 and self.attention.attend_previous_block:  # at a block start "current" is the last block
             past = self.attention.block_past(cache)
         x = x + self.attention(u, context, past_kv=past)
-        if stream is not None:
+        if self.ssm_residual is not None:
             x = x + self.ssm_residual(u, stream)
         if cache is not None:
             self.attention.fill_cache(cache, u, context, lengths)
-        return x + self.ffn(self.ffn_norm(x))
+        return x + (self.ffn(self.ffn_norm(x), stream) if self.ssm_ffn else self.ffn(self.ffn_norm(x)))
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, cache: LayerCache, position: torch.Tensor) -> torch.Tensor:
         """One token per row: x (B, D) at positions (B,) -> (B, D), equal to the parallel forward there."""
         u = self.norm(x)
         context = stream = None
-        if self.ssm_residual is not None:
+        if self.ssm_residual is not None or self.ssm_ffn:
             context, stream = self.context.step(u, cache, position, stream=True)
         elif self.context is not None:
             context = self.context.step(u, cache, position)
         x = x + self.attention.step(u, cache, position, context)
-        if stream is not None:
+        if self.ssm_residual is not None:
             x = x + self.ssm_residual(u, stream)
-        return x + self.ffn(self.ffn_norm(x))
+        return x + (self.ffn(self.ffn_norm(x), stream) if self.ssm_ffn else self.ffn(self.ffn_norm(x)))
 
     def allocate_inference_cache(self) -> LayerCache:
         """An empty cache; buffers are sized on first use (prefill or step)."""
@@ -222,3 +239,7 @@ class BSTLayer(BlockTransformerLayer):
         self.context = ContextStates(config)
         if config.ssm_residual == "gated":
             self.ssm_residual = GatedSSMResidual(config.hidden_size, config.hidden_dropout)
+        elif config.ssm_residual == "ffn":
+            self.ssm_ffn = True
+            self.ffn = SSMGatedFeedForward(config.hidden_size, config.intermediate_size, config.hidden_dropout)
+            self.ffn.down._residual_output = True

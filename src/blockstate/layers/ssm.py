@@ -5,10 +5,12 @@
 
 - ``S4DKernel``      structured, generated from (A, B, C, dt) for any length (spec section 4, *decision* S4D-ZOH);
 - ``ImplicitKernel`` unstructured, Hyena-style implicit filter with t in units of the training length;
-- ``ExplicitKernel`` unstructured, a free kernel regularised by squash/smooth (Fu et al. 2023).
+- ``ExplicitKernel`` unstructured, a free kernel regularised by smooth-then-squash (Fu et al. 2023).
 
-Every kernel parameter is created in fp32 and used with autocast off; parameters tagged ``_ssm = True`` get the
-lower learning rate and no weight decay (see ``blockstate.models.parameter_groups``).
+Every kernel parameter is created in fp32, stays fp32 when the model is cast to bf16 / fp16 (``LongConvSSM._apply``)
+and is used in fp32 with autocast off whatever its dtype; outputs are fp32, and callers cast them to their
+activations' dtype. Parameters tagged ``_ssm = True`` get the lower learning rate and no weight decay (see
+``blockstate.models.parameter_groups``).
 """
 
 from __future__ import annotations
@@ -115,14 +117,18 @@ class ImplicitKernel(nn.Module):
         device = self.mlp[0].weight.device
         with torch.autocast(device_type=device.type, enabled=False):
             z = positional_features(length, self.max_train_length, self.num_bands, device=device)
-            k = self.mlp(z).t()  # (D*C, L)
+            # fp32 weights even if the MLP was cast (loaded in bf16, FSDP param_dtype): the filter is a long-range
+            # function of t, and fp32 features meet same-dtype weights
+            weights = {name: p.float() for name, p in self.mlp.named_parameters()}
+            k = torch.func.functional_call(self.mlp, weights, (z,)).t()  # (D*C, L)
             rates = decay_rates(self.channels * self.filters).to(device)
             k = k * exponential_decay(length, self.max_train_length, rates)
         return k.reshape(self.channels, self.filters, length)
 
 
 class ExplicitKernel(nn.Module):
-    """A free kernel of max_train_length taps per filter, squashed and smoothed; zero beyond its length."""
+    """A free kernel of max_train_length taps per filter, smoothed then squashed (Fu et al. 2023); zero beyond its
+    length. The squash passes its gradient straight through (``squash_smooth``), so every tap keeps training."""
 
     def __init__(self, channels: int, filters: int, max_train_length: int, squash: float = 0.003,
                  smooth_width: int = 3):
@@ -135,10 +141,18 @@ class ExplicitKernel(nn.Module):
 
     @torch.no_grad()
     def init_parameters(self, std: float = 0.02) -> None:
-        # small random taps under a decaying envelope, so early outputs are not dominated by distant inputs
-        t = torch.arange(self.max_train_length, dtype=torch.float32)
-        envelope = torch.exp(-t / max(1.0, self.max_train_length / 8))
-        init.copy_(self.weight, torch.randn(self.weight.shape) * 0.02 * envelope)
+        # Fu et al.'s "double exponential" init: randn taps under exp(-rate_d * l / L_train), the rate spread
+        # geometrically over channels from 1 (the slowest, still e^-1 at the last tap) to D/2 (multi-scale), one
+        # rate per channel shared by its filters. Their scale is a constant 0.02 (tuned for kernels of thousands of
+        # taps); short kernels take 1 / sqrt(L_train) instead, a fan-in scale that gives every training length a
+        # kernel of O(1) energy (at L_train = 32, 0.02 left the taps ~10x weaker than S4D's and under the squash).
+        # ``std`` is the model's Linear init and does not apply to taps.
+        length, channels = self.max_train_length, self.channels
+        t = torch.arange(length, dtype=torch.float32) / length
+        rates = max(channels / 2, 1.0) ** (torch.arange(channels, dtype=torch.float32) / channels)
+        envelope = torch.exp(-rates[:, None] * t[None, :]).repeat_interleave(self.filters, dim=0)
+        scale = max(0.02, 1 / math.sqrt(length))
+        init.copy_(self.weight, torch.randn(self.weight.shape) * scale * envelope)
 
     def forward(self, length: int) -> torch.Tensor:
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
@@ -178,6 +192,20 @@ class LongConvSSM(nn.Module):
     @torch.no_grad()
     def init_parameters(self, std: float = 0.02) -> None:
         init.normal_(self.skip, 0.0, 1.0)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``model.to(torch.bfloat16)`` / ``.half()`` move the SSM's parameters (and gradients) but make them fp32,
+        not half precision, like Hugging Face's ``_keep_in_fp32_modules``: S4D's dt, A and the long kernels lose
+        their tails in half precision, and the kernels and FFTs run in fp32 anyway. Other conversions (device,
+        fp64) apply unchanged."""
+
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.dtype in (torch.bfloat16, torch.float16):
+                return t.to(device=out.device, dtype=torch.float32)  # fp32 values stay exact: no round trip
+            return out
+
+        return super()._apply(keep_fp32, recurse)
 
     def forward(self, u: torch.Tensor, carry=None, start: int = 0) -> torch.Tensor:
         """u (B, L, D) -> y (B, D, C, L). With ``carry`` (a LayerCache that has read ``start`` earlier tokens of
@@ -237,8 +265,9 @@ class LongConvSSM(nn.Module):
             aligned = aligned * (index >= 0)[..., None]
             k = self.kernel
             inputs = self._per_filter(aligned.transpose(1, 2))
+            # the carried state lives through lengths[b] real steps of row b, not the padded chunk's T
             x0 = cache.ssm_state if start > 0 else None
-            cache.ssm_state = s4d_final_state(k.log_dt, k.log_a_real, k.a_imag, inputs, x0=x0)
+            cache.ssm_state = s4d_final_state(k.log_dt, k.log_a_real, k.a_imag, inputs, x0=x0, x0_steps=lengths)
         else:
             history = (u * (t[None, :] < lengths[:, None])[..., None]).transpose(1, 2).float()
             old = cache.history if start > 0 else None

@@ -35,6 +35,7 @@ from blockstate.models.modeling_blockstate import (
     LMHeadAccessors,
     TokenEmbeddingAccessors,
     causal_lm_loss,
+    check_attention_mask,
     check_input_ids,
 )
 from blockstate.models.stateful import SegmentCarry, SegmentLMOutput, SegmentStateMixin, right_padding_only
@@ -65,7 +66,7 @@ class BlockTransformerForCausalLM(SegmentStateMixin, BlockStateForCausalLM):
             if inference and carry is not None and self.carries_state:
                 raise ValueError("carry= and an inference cache exclude each other: pass one of them")
             return super().forward(input_ids, labels=labels, attention_mask=attention_mask, **kwargs)
-        right_padding_only(attention_mask)
+        right_padding_only(attention_mask, input_ids)
         return self.segment_forward(input_ids, labels, carry, reset, carry_length)
 
     def _segment(self, input_ids: torch.LongTensor, carry: SegmentCarry | None) -> tuple[torch.Tensor, SegmentCarry]:
@@ -103,7 +104,7 @@ class BlockRecurrentForCausalLM(BlockTransformerForCausalLM):
                 reset: torch.Tensor | None = None, carry_length: int | None = None, **kwargs) -> SegmentLMOutput:
         if _inference_call(kwargs):
             return self.recurrent_forward(input_ids, labels, attention_mask, kwargs.get("cache"))
-        right_padding_only(attention_mask)
+        right_padding_only(attention_mask, input_ids)
         return self.segment_forward(input_ids, labels, carry, reset, carry_length)
 
 
@@ -115,6 +116,7 @@ class BlockRecurrentForCausalLM(BlockTransformerForCausalLM):
         token by token too (no parallel prefill); the logits equal the parallel forward's."""
         if input_ids is None:
             raise ValueError("the Block-Recurrent Transformer needs input_ids (B, L)")
+        check_attention_mask(attention_mask, input_ids)
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("the Block-Recurrent Transformer's cache takes unpadded prompts: generate one prompt "
                              "length at a time")
@@ -171,7 +173,7 @@ class GatedStateSpaceForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel):
                 attention_mask: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
         if input_ids is None:
             raise ValueError("GSS-Hybrid needs input_ids (B, L)")
-        right_padding_only(attention_mask)
+        right_padding_only(attention_mask, input_ids)
         logits = self.lm_head(self.model(input_ids).last_hidden_state).float()
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return CausalLMOutput(loss=loss, logits=logits)

@@ -29,6 +29,9 @@ class BlockStatePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["BSTLayer", "BlockTransformerLayer"]
+    # from_pretrained(dtype=bf16 / fp16) loads the SSM parameters (every module named ``ssm``) in fp32, as
+    # ``model.to(dtype)`` keeps them (LongConvSSM._apply): the kernels lose their long tails in half precision
+    _keep_in_fp32_modules_strict = ["ssm"]
 
     def _init_weights(self, module: nn.Module) -> None:
         # Children are initialised before parents and a tensor is never initialised twice, so each Linear reads
@@ -199,9 +202,7 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
             return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache)
 
         starts = lengths = None
-        if attention_mask is not None and input_ids is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
-                             f"{tuple(attention_mask.shape)}")
+        check_attention_mask(attention_mask, input_ids)
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             if input_ids is None:
                 raise ValueError("attention_mask with padding needs input_ids")
@@ -254,6 +255,17 @@ class BlockStateCausalLMOutput(CausalLMOutput):
     """CausalLMOutput plus the streaming cache (``cache``) when one was asked for."""
 
     cache: BlockStateCache | None = None
+
+
+def check_attention_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None) -> None:
+    """The one shape check of ``attention_mask`` for every model: (B, L) like input_ids, or None."""
+    if attention_mask is None or input_ids is None:
+        return
+    shape = getattr(attention_mask, "shape", None)
+    if not isinstance(attention_mask, torch.Tensor) or shape != input_ids.shape:
+        got = tuple(shape) if shape is not None else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}; "
+                         f"pass a (batch, length) tensor with 1 for real tokens and 0 for padding")
 
 
 def padding_runs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

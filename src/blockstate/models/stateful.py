@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from transformers.modeling_outputs import CausalLMOutput
 
-from blockstate.models.modeling_blockstate import causal_lm_loss, check_input_ids
+from blockstate.models.modeling_blockstate import causal_lm_loss, check_attention_mask, check_input_ids
 
 
 class SegmentCarry(NamedTuple):
@@ -60,8 +60,10 @@ def check_carry_window(carry: SegmentCarry, window: int) -> None:
                              f"at least block_size tokens before its state can be carried (or be reset)")
 
 
-def right_padding_only(attention_mask: torch.Tensor | None) -> None:
-    """Causal models compute real tokens before right padding exactly; left padding would need per-row shifts."""
+def right_padding_only(attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None) -> None:
+    """Causal models compute real tokens before right padding exactly; left padding would need per-row shifts.
+    The mask must have the shape of input_ids (the BST model's check)."""
+    check_attention_mask(attention_mask, input_ids)
     if attention_mask is None:
         return
     mask = attention_mask.bool()

@@ -5,7 +5,7 @@ Implicit filter (Poli et al. 2023, without Hyena's gating): k(t) = exp(-alpha t)
 input the filter extends past t = 1 under its decay rather than being stretched to fit.
 
 Explicit kernel (Fu et al. 2023, "Simple Hardware-Efficient Long Convolutions"): a free (h, L_train) tensor,
-regularised by squash (soft-thresholding small taps to zero) and smooth (a short moving average).
+regularised in their order: smooth (a short moving average), then squash (soft-thresholding small taps to zero).
 """
 
 from __future__ import annotations
@@ -41,12 +41,23 @@ def exponential_decay(length: int, max_train_length: int, rates: torch.Tensor) -
     return torch.exp(-rates.float()[:, None] * t[None, :])
 
 
-def squash_smooth(k: torch.Tensor, squash: float = 0.0, smooth_width: int = 1) -> torch.Tensor:
-    """Explicit-kernel regularisation: soft-threshold by ``squash`` then average over ``smooth_width`` taps."""
-    if squash > 0:
-        k = torch.sign(k) * F.relu(k.abs() - squash)
+def squash_smooth(k: torch.Tensor, squash: float = 0.0, smooth_width: int = 1,
+                  straight_through: bool = True) -> torch.Tensor:
+    """Explicit-kernel regularisation in Fu et al.'s order: average over ``smooth_width`` taps, then soft-threshold
+    by ``squash`` (taps with |k| <= squash become exactly 0 in the forward).
+
+    ``straight_through``: the threshold's backward is the identity. A soft threshold's own derivative is 0 on its
+    zero region, so a tap that starts (or lands) there never gets a gradient again: with a decaying init that was
+    every long tap. Passing the gradient through keeps Fu et al.'s forward (the kernel used is still sparse) and
+    makes the weight behind each tap a running sum of its gradients, which the threshold reads: the "lazy" form
+    of the L1 proximal step (regularised dual averaging), where a zeroed tap can come back once its gradients
+    say so. ``straight_through=False`` is the plain soft threshold.
+    """
     if smooth_width > 1:
         shape = k.shape
         k = F.avg_pool1d(k.reshape(-1, 1, shape[-1]), smooth_width, stride=1, padding=smooth_width // 2,
                          count_include_pad=False)[..., : shape[-1]].reshape(shape)
+    if squash > 0:
+        squashed = torch.sign(k) * F.relu(k.abs() - squash)
+        k = k + (squashed - k).detach() if straight_through else squashed
     return k

@@ -196,11 +196,13 @@ def s4d_state_response(
 
 def s4d_final_state(
     log_dt: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, u: torch.Tensor,
-    x0: torch.Tensor | None = None, chunk: int = 256,
+    x0: torch.Tensor | None = None, chunk: int = 256, x0_steps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """State after reading u (B, h, T) from x0 (default zero): Abar^T x0 + sum_s Abar^(T-1-s) Bbar u_s.
 
     This hands a parallel prefill over to the recurrence. Chunked over time so memory stays (h, m, chunk).
+    ``x0_steps`` (B,): row b read only that many real steps since x0 (its inputs right-aligned, zeros in front),
+    so x0 decays by Abar^x0_steps[b] instead of Abar^T.
     """
     with torch.autocast(device_type=log_dt.device.type, enabled=False):
         dta_re, dta_im = _dta(log_dt, log_a_real, a_imag)
@@ -214,7 +216,10 @@ def s4d_final_state(
             powers = (dta.unsqueeze(-1) * lags).exp()  # (h, m, chunk)
             state = state + torch.einsum("bhs,hms->bhm", piece.to(powers.dtype), powers)
         state = state * bbar
-        return state if x0 is None else state + (dta * total).exp() * x0
+        if x0 is None:
+            return state
+        steps = total if x0_steps is None else x0_steps.to(device=u.device, dtype=torch.float32).view(-1, 1, 1)
+        return state + (dta * steps).exp() * x0
 
 
 def s4d_kernel_reference(

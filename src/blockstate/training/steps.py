@@ -12,6 +12,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed: no DTensor gradients either
+    DTensor = ()
+
 from blockstate.data import IGNORE_INDEX
 from blockstate.training import distributed as D
 
@@ -92,9 +97,15 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):
+        # FSDP2: the gradients are shards. Depending on the torch release the norm of DTensors comes back replicated
+        # (already global) or partial, whose float() is this shard's norm alone; full_tensor() is global in both
+        # cases (and free when it is replicated), so every rank clips, logs and skips on the same global norm
+        norm = norm.full_tensor()
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 def carry_is_finite(carry: Any) -> bool:
