@@ -16,8 +16,11 @@ from blockstate.ops import fft_causal_conv
 LENGTH = 45
 
 
-def build(variant, kernel, **overrides):
-    return BlockStateForCausalLM(small_config(variant, kernel, ssm_residual="gated", **overrides)).eval()
+MODES = ["gated", "ffn"]
+
+
+def build(variant, kernel, mode="gated", **overrides):
+    return BlockStateForCausalLM(small_config(variant, kernel, ssm_residual=mode, **overrides)).eval()
 
 
 def test_only_bst_layers_get_the_branch_and_none_is_the_paper_layer():
@@ -28,6 +31,10 @@ def test_only_bst_layers_get_the_branch_and_none_is_the_paper_layer():
     assert all(layer.ssm_residual is None for layer in plain.model.layers)
     extra = sum(p.numel() for p in gated.parameters()) - sum(p.numel() for p in plain.parameters())
     assert extra == len(branches) * 2 * gated.config.hidden_size ** 2
+    glu = build("sh", "s4d", "ffn")  # the FFN of a BST layer gains the SSM's expansion, D x intermediate
+    extra = sum(p.numel() for p in glu.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == len(branches) * glu.config.hidden_size * glu.config.intermediate_size
+    assert [i for i, layer in enumerate(glu.model.layers) if layer.ssm_ffn] == glu.config.bst_layers
 
 
 def test_invalid_value_is_refused():
@@ -35,18 +42,21 @@ def test_invalid_value_is_refused():
         small_config(ssm_residual="add")
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)
-def test_branch_changes_the_output_and_is_causal(variant, kernel):
-    model = build(variant, kernel)
+def test_branch_changes_the_output_and_is_causal(variant, kernel, mode):
+    model = build(variant, kernel, mode)
     ids = torch.randint(0, 61, (1, 40))
     with torch.no_grad():
         ref = model(ids).logits
         for layer in model.model.layers:
             if layer.ssm_residual is not None:
                 layer.ssm_residual.out.weight.mul_(0)
+            if layer.ssm_ffn:
+                layer.ffn.expand.weight.mul_(0)
         without = model(ids).logits
     assert (ref - without).abs().max() > 1e-4  # the branch is live
-    model = build(variant, kernel)
+    model = build(variant, kernel, mode)
     changed = ids.clone()
     changed[0, 30] = (changed[0, 30] + 1) % 61
     with torch.no_grad():
@@ -55,9 +65,10 @@ def test_branch_changes_the_output_and_is_causal(variant, kernel):
     assert (a[:, 31:] - b[:, 31:]).abs().amax(-1).min() > 1e-5  # and every later position does
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)
-def test_streaming_equals_parallel(variant, kernel):
-    model = build(variant, kernel)
+def test_streaming_equals_parallel(variant, kernel, mode):
+    model = build(variant, kernel, mode)
     ids = torch.randint(0, 61, (2, LENGTH))
     with torch.no_grad():
         ref = model(ids).logits
@@ -71,9 +82,10 @@ def test_streaming_equals_parallel(variant, kernel):
         assert (second.logits - ref[:, 16:40]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", ["sh", "mh", "mf"])
-def test_gradients_reach_every_parameter(variant):
-    model = build(variant, "s4d").train()
+def test_gradients_reach_every_parameter(variant, mode):
+    model = build(variant, "s4d", mode).train()
     ids = torch.randint(0, 61, (2, 40))
     model(ids, labels=ids).loss.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]

@@ -63,8 +63,15 @@ def default_arms(num_layers: int) -> list[Arm]:
         Arm("gated-all-previous", "gated, every layer a BST layer, previous block", beyond_paper=True,
             model_args={"ssm_residual": "gated", "bst_layers": list(range(num_layers)),
                         "attend_previous_block": True}),
-        Arm("mf-gated-all", "MF, gated, every layer a BST layer", model="bst-mf-s4", beyond_paper=True,
-            model_args={"ssm_residual": "gated", "bst_layers": list(range(num_layers))}),
+        Arm("ffn", "the FFN of BST layers a GLU gated by the SSM output", beyond_paper=True,
+            model_args={"ssm_residual": "ffn"}),
+        Arm("ffn-all", "SSM-gated FFN, every layer a BST layer", beyond_paper=True,
+            model_args={"ssm_residual": "ffn", "bst_layers": list(range(num_layers))}),
+        Arm("ffn-all-previous", "SSM-gated FFN, every layer a BST layer, previous block", beyond_paper=True,
+            model_args={"ssm_residual": "ffn", "bst_layers": list(range(num_layers)),
+                        "attend_previous_block": True}),
+        Arm("mf-ffn-all", "MF, SSM-gated FFN, every layer a BST layer", model="bst-mf-s4", beyond_paper=True,
+            model_args={"ssm_residual": "ffn", "bst_layers": list(range(num_layers))}),
     ]
 
 
@@ -85,9 +92,10 @@ def equalize(model: str, size: str, args: dict[str, Any], target: int) -> tuple[
     count = count_model_parameters(model, size, **args)
     if abs(count - target) <= 0.01 * target:
         return args, count
-    config = model_config(model, size, **args)
-    ffn_per_unit = 2 * config.hidden_size * config.num_hidden_layers  # up + down projection per FFN unit
-    width = config.intermediate_size + round((target - count) / ffn_per_unit / 32) * 32
+    width = model_config(model, size, **args).intermediate_size
+    # the count is linear in the FFN width (an SSM-gated FFN has three matrices per unit, a plain one two)
+    slope = count - count_model_parameters(model, size, **{**args, "intermediate_size": width - 32})
+    width += round((target - count) / slope) * 32
     if width < 32:
         raise ValueError(f"arm {args} cannot be brought to {target:,} parameters by narrowing the FFN")
     args = {**args, "intermediate_size": width}

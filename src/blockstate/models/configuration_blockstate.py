@@ -12,7 +12,7 @@ from blockstate.layers.ssm import KERNELS
 POSITION_ENCODINGS = ("rope", "none")
 PREVIOUS_BLOCK = ("window", "full")
 S4D_INITS = ("lin", "inv")
-SSM_RESIDUALS = ("none", "gated")
+SSM_RESIDUALS = ("none", "gated", "ffn")
 LAYER_COLLECTIONS = (list, tuple, range, set, frozenset)
 
 
@@ -51,9 +51,10 @@ class BlockStateConfig(PretrainedConfig):
         previous_block: with attend_previous_block, ``"window"``: each token sees the previous W tokens (sliding
             window); ``"full"``: every token sees the whole previous block (Transformer-XL memory).
         position_encoding: ``"rope"`` inside blocks, or ``"none"``.
-        ssm_residual: ``"none"`` (the paper: the SSM output only feeds the context states) or ``"gated"`` (beyond
-            the paper: each BST layer also adds W_o(GELU(W_g u) * y) to the residual stream, y the SSM output
-            averaged over its filters, as gated state-space layers do; see ``blockstate.layers.bst``).
+        ssm_residual: ``"none"`` (the paper: the SSM output only feeds the context states); beyond the paper,
+            ``"gated"``: each BST layer also adds W_o(GELU(W_g u) * y) to the residual stream, y the SSM output
+            averaged over its filters, as gated state-space layers do; ``"ffn"``: each BST layer's FFN becomes a
+            GLU whose gate is the SSM output (see ``blockstate.layers.bst``).
         hidden_dropout / attention_dropout: residual-branch and attention-probability dropout.
     """
 
