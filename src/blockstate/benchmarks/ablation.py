@@ -36,12 +36,16 @@ class Arm:
 
 def default_arms(num_layers: int) -> list[Arm]:
     """The arms for a stack of ``num_layers`` layers (the layer layouts depend on the depth)."""
+    from blockstate.models.configuration_blockstate import default_bst_layers
+
     upper = list(range(num_layers // 2, num_layers))
+    every_other = list(range(0, num_layers, 2))
     return [
         Arm("paper", "BST:SH:S4, the paper's configuration (BST layers at the preset's indices)"),
         Arm("layers-first", "only the first layer is a BST layer", model_args={"bst_layers": [0]}),
         Arm("layers-first-upper", "first + upper half", model_args={"bst_layers": sorted({0, *upper})}),
-        Arm("layers-every-other", "every other layer", model_args={"bst_layers": list(range(0, num_layers, 2))}),
+        *([] if every_other == default_bst_layers(num_layers) else  # 4 layers: the paper arm already is this
+          [Arm("layers-every-other", "every other layer", model_args={"bst_layers": every_other})]),
         Arm("layers-all", "every layer a BST layer", model_args={"bst_layers": list(range(num_layers))}),
         Arm("previous-block", "blocks also attend to the previous block (W x 2W tile)",
             model_args={"attend_previous_block": True}),
@@ -60,9 +64,6 @@ def default_arms(num_layers: int) -> list[Arm]:
             model_args={"ssm_residual": "gated"}),
         Arm("gated-all", "gated, every layer a BST layer", beyond_paper=True,
             model_args={"ssm_residual": "gated", "bst_layers": list(range(num_layers))}),
-        Arm("gated-all-previous", "gated, every layer a BST layer, previous block", beyond_paper=True,
-            model_args={"ssm_residual": "gated", "bst_layers": list(range(num_layers)),
-                        "attend_previous_block": True}),
         Arm("ffn", "the FFN of BST layers a GLU gated by the SSM output", beyond_paper=True,
             model_args={"ssm_residual": "ffn"}),
         Arm("ffn-all", "SSM-gated FFN, every layer a BST layer", beyond_paper=True,

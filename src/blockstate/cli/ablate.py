@@ -32,9 +32,10 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--lengths", default="1x,4x", help="evaluation lengths (default %(default)s)")
-    p.add_argument("--eval-tokens", type=int, default=0,
-                   help="score the first documents of the validation split up to this many tokens, 0 = all")
+    p.add_argument("--lengths", default="1x", help="evaluation lengths (default %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=262144,
+                   help="score the first documents of the validation split up to this many tokens, 0 = all "
+                        "(default %(default)s)")
     p.add_argument("--runs", type=Path, default=Path("runs/ablation"), help="run directories (default %(default)s)")
     p.add_argument("--out", type=Path, default=None,
                    help="directory for ablation.{md,json} (default benchmarks/results/ablation-<corpus>)")
