@@ -10,8 +10,8 @@ resumes where it stopped and finished arms are skipped.
 Scores are on the VALIDATION split: the ablation chooses the presets, so it must not look at the test split that
 ``blockstate compare`` reports.
 
-Arms (``--arms``; ``paper:`` the paper's design space, ``beyond:`` options the paper does not have, with the
-reason in ``blockstate.layers.bst``):
+Arms (``--arms``; ``paper:`` the paper's design space, ``ref:`` baselines as registered, for scale, ``beyond:``
+options the paper does not have, with the reason in ``blockstate.layers.bst``):
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Arm:
     model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     train_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     beyond_paper: bool = False
+    reference: bool = False  # a baseline as registered (its own recipe knobs), for scale: not equalised
 
 
 def default_arms(num_layers: int) -> list[Arm]:
@@ -73,6 +74,8 @@ def default_arms(num_layers: int) -> list[Arm]:
                         "attend_previous_block": True}),
         Arm("mf-ffn-all", "MF, SSM-gated FFN, every layer a BST layer", model="bst-mf-s4", beyond_paper=True,
             model_args={"ssm_residual": "ffn", "bst_layers": list(range(num_layers))}),
+        Arm("ref-gss-hybrid", "reference: GSS-Hybrid as registered", model="gss-hybrid", reference=True),
+        Arm("ref-gpt", "reference: full attention (gpt) as registered", model="gpt", reference=True),
     ]
 
 
@@ -114,14 +117,22 @@ def plan(size: str, arms: list[Arm], base_args: dict[str, Any] | None = None) ->
     rows = []
     for arm in arms:
         args = {**base_args, **_resolve(arm, {"block_size": reference.block_size})}
-        args, count = equalize(arm.model, size, args, target)
+        if arm.reference:  # the registry already matches every baseline to the reference within 5%
+            count = count_model_parameters(arm.model, size, **args)
+        else:
+            args, count = equalize(arm.model, size, args, target)
         rows.append({"arm": arm.name, "what": arm.what, "model": arm.model, "model_args": args,
-                     "train_args": dict(arm.train_args), "beyond_paper": arm.beyond_paper, "parameters": count,
+                     "train_args": dict(arm.train_args), "beyond_paper": arm.beyond_paper,
+                     "reference": arm.reference, "parameters": count,
                      "parameter_ratio": round(count / target, 4)})
     return rows
 
 
-ARM_DOC = "\n".join(f"  {a.name:<20} {'beyond: ' if a.beyond_paper else 'paper:  '}{a.what}" for a in default_arms(4))
+def _kind(arm: Arm) -> str:
+    return "beyond: " if arm.beyond_paper else "ref:    " if arm.reference else "paper:  "
+
+
+ARM_DOC = "\n".join(f"  {a.name:<20} {_kind(a)}{a.what}" for a in default_arms(4))
 __doc__ += ARM_DOC + "\n"
 
 
@@ -140,6 +151,8 @@ def markdown(payload: dict[str, Any]) -> str:
         delta = "-" if not (paper and res) else f"{res[0]['bpb'] - paper['results'][0]['bpb']:+.4f}"
         minutes = "-" if r.get("train_seconds") is None else f"{r['train_seconds'] / 60:.1f}"
         what = ("(beyond the paper) " if r["beyond_paper"] else "") + r["what"]
+        if r.get("reference"):
+            what = f"*{what}*"
         lines.append(f"| {r['arm']} | {what} | {r['parameters'] / 1e6:.2f}M | " + " | ".join(cells)
                      + f" | {delta} | {minutes} |")
     return "\n".join(lines) + "\n"
