@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "models": "blockstate.cli.models",
     "compare": "blockstate.cli.compare",
     "ablate": "blockstate.cli.ablate",
+    "synthetic": "blockstate.cli.synthetic",
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, OSError)

@@ -12,6 +12,8 @@ Typical use::
     valid = tokenize_split(corpus, tok, "validation")
     for batch in eval_batches(valid, 512, 8): ...              # every token scored once
     bpb = bits_per_byte(total_nll_nats, valid.num_bytes)
+
+    task = make_task("mqar", seq_len=256)                      # synthetic tasks (blockstate.data.synthetic)
 """
 
 from .common import SPLITS, DataError, ReadStats, default_cache_dir
@@ -25,6 +27,7 @@ from .segments import (
     num_segments,
     segment_table,
 )
+from .synthetic import SyntheticSet, SyntheticTask, make_task, task_names
 from .tokenized import TokenizedSplit, tokenize_split
 from .tokenizers import (
     BytesTokenizer,
@@ -38,7 +41,9 @@ from .tokenizers import (
 
 __all__ = [
     "BUILTIN_CORPORA", "IGNORE_INDEX", "PAD_ID", "SPLITS", "BytesTokenizer", "Corpus", "DataError",
-    "HFTokenizer", "ReadStats", "SegmentLoader", "SentencePieceTokenizer", "TokenizedSplit", "Tokenizer",
+    "HFTokenizer", "ReadStats", "SegmentLoader", "SentencePieceTokenizer", "SyntheticSet", "SyntheticTask",
+    "TokenizedSplit", "Tokenizer",
     "bits_per_byte", "build_tokenizer", "default_cache_dir", "describe_corpus", "eval_batches", "hash_split",
-    "load_corpus", "load_tokenizer", "num_segments", "segment_table", "tokenize_split", "train_bpe",
+    "load_corpus", "load_tokenizer", "make_task", "num_segments", "segment_table", "task_names", "tokenize_split",
+    "train_bpe",
 ]
