@@ -24,7 +24,8 @@ BASELINES = ["gpt", "slide", "transformer-xl", "brect", "gss-hybrid"]
 
 def test_every_name_the_issue_asks_for_is_registered():
     bst = [f"bst-{v}-{k}" for v in ("sh", "mh", "mf") for k in ("s4", "unstructured", "explicit")]
-    assert list_models() == bst + BASELINES
+    tuned = ["bst-sh-s4-gated", "bst-mf-s4-gated"]  # the presets chosen by blockstate ablate
+    assert list_models() == bst + tuned + BASELINES
     assert blockstate.list_models() == list_models() and blockstate.create_model is create_model
 
 
@@ -51,7 +52,7 @@ def test_unknown_size_is_rejected_for_every_model():
 def test_bst_names_build_the_bst_model_with_their_variant_and_kernel(name):
     config = model_config(name, "tiny")
     if name.startswith("bst-"):
-        _, variant, kernel = name.split("-")
+        _, variant, kernel = name.split("-")[:3]
         assert (config.variant, config.kernel) == (variant, {"s4": "s4d"}.get(kernel, kernel))
         assert get_model_entry(name).model_class is BlockStateForCausalLM
     assert model_name(config) == name
@@ -117,3 +118,16 @@ def test_the_trainers_factory_builds_every_registered_name():
     assert set(list_models()) <= set(known_models())
     model = build_model("brect", "tiny", hidden_size=32, num_attention_heads=4, intermediate_size=64)
     assert type(model).__name__ == "BlockRecurrentForCausalLM" and carries_state(model)
+
+
+@pytest.mark.parametrize("name", ["bst-sh-s4-gated", "bst-mf-s4-gated"])
+@pytest.mark.parametrize("size", ["tiny", "small", "paper"])
+def test_tuned_presets_match_the_reference_count_and_are_config_data(name, size):
+    config = model_config(name, size)
+    assert config.ssm_residual == "gated" and config.bst_layers == list(range(config.num_hidden_layers))
+    ratio = count_model_parameters(name, size) / count_model_parameters("bst-sh-s4", size)
+    assert abs(ratio - 1) < 0.01
+    # overrides still win, and the FFN is matched again for a changed shape
+    small = model_config(name, size, num_hidden_layers=2)
+    assert small.bst_layers == [0, 1]
+    assert model_config(name, size, intermediate_size=64).intermediate_size == 64

@@ -46,6 +46,7 @@ ignore them; read ``getattr(out, "carry", None)``.
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,7 @@ from blockstate.models.configuration_baselines import (
     BlockTransformerConfig,
     GatedStateSpaceConfig,
 )
-from blockstate.models.presets import PAPER_PARAMETERS
+from blockstate.models.presets import PAPER_PARAMETERS, count_parameters
 from blockstate.models.stateful import SegmentCarry, SegmentLMOutput, map_carry
 
 REFERENCE_MODEL = "bst-sh-s4"  # the budget every baseline is matched to, size by size
@@ -80,6 +81,12 @@ GSS = {  # paper size is the GSS paper's own layer (F = 4E, H = E/4, N = 512 DSS
     "small": dict(num_hidden_layers=12, gss_hidden_size=1216, gss_narrow_size=96),
     "paper": dict(num_hidden_layers=16, gss_hidden_size=4096, gss_narrow_size=256),
 }
+
+
+# The presets chosen by ``blockstate ablate`` on books (README, "Long context on books"): every layer a BST layer,
+# its SSM output also gated into the residual stream (``ssm_residual="gated"``, beyond the paper), and the FFN
+# narrowed so the model has bst-sh-s4's parameter count at every size. The paper's configurations keep their names.
+TUNED = {"sh": "s4", "mf": "s4"}  # variant -> kernel of the registered ``bst-<variant>-<kernel>-gated`` presets
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,43 @@ def _bst(variant: str, kernel: str) -> Callable[..., PretrainedConfig]:
     return build
 
 
+def _bst_gated(variant: str, kernel: str) -> Callable[..., PretrainedConfig]:
+    def build(size: str, **overrides: Any) -> BlockStateConfig:
+        fields = {**_size(size), **overrides}
+        layers = fields["num_hidden_layers"]
+        tuned: dict[str, Any] = {"ssm_residual": "gated"}
+        if isinstance(layers, int) and not isinstance(layers, bool):  # else the config's validation names it
+            tuned["bst_layers"] = list(range(layers))
+        tuned.update(overrides)
+        if "intermediate_size" not in overrides:
+            tuned["intermediate_size"] = _matched_ffn(variant, kernel, size, tuned)
+        return preset_config(size, variant, kernel, **tuned)
+
+    return build
+
+
+def _matched_ffn(variant: str, kernel: str, size: str, overrides: dict[str, Any]) -> int:
+    """The FFN width (a multiple of 32) that gives ``bst-<variant>-<kernel>`` with ``overrides`` the parameter
+    count of bst-sh-s4 at ``size`` (with the same width-changing overrides). The count is linear in the width."""
+    key = json.dumps([variant, kernel, size, overrides], sort_keys=True, default=str)
+    if key not in _MATCHED_FFN:
+        shape = {k: v for k, v in overrides.items() if k in ("hidden_size", "num_hidden_layers",
+                                                                 "num_attention_heads", "vocab_size")}
+        target = count_model_parameters(REFERENCE_MODEL, size, **shape)
+
+        def count(width: int) -> int:
+            config = preset_config(size, variant, kernel, **{**overrides, "intermediate_size": width})
+            return count_parameters(config)
+
+        width = preset_config(size, variant, kernel, **shape).intermediate_size
+        slope = count(width) - count(width - 32)
+        _MATCHED_FFN[key] = max(32, width + round((target - count(width)) / slope) * 32)
+    return _MATCHED_FFN[key]
+
+
+_MATCHED_FFN: dict[str, int] = {}
+
+
 def _attention(kind: str) -> Callable[..., PretrainedConfig]:
     def build(size: str, **overrides: Any) -> BlockTransformerConfig:
         fields = {**_size(size), "intermediate_size": ATTENTION_FFN[size]}
@@ -233,6 +277,10 @@ def _register_defaults() -> None:
             register_model(f"bst-{variant}-{short}", _bst(variant, kernel), BlockStateForCausalLM,
                            f"Block-State Transformer, {words} context states, {kernel} kernel",
                            PAPER_PARAMETERS.get((variant, kernel)))
+    for variant, short in TUNED.items():
+        register_model(f"bst-{variant}-{short}-gated", _bst_gated(variant, KERNEL_NAMES[short]), BlockStateForCausalLM,
+                       f"Block-State Transformer, {variants[variant]}, every layer a BST layer, SSM output also gated "
+                       "into the residual stream (beyond the paper; chosen by blockstate ablate)")
     register_model("gpt", _attention("gpt"), BlockTransformerForCausalLM, "full causal attention (SDPA)")
     register_model("slide", _attention("slide"), BlockTransformerForCausalLM,
                    "sliding-window attention (W), last window's keys/values carried (Slide:12L)", 190e6)
