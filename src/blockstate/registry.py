@@ -66,7 +66,7 @@ from blockstate.models.configuration_baselines import (
     BlockTransformerConfig,
     GatedStateSpaceConfig,
 )
-from blockstate.models.presets import PAPER_PARAMETERS, count_parameters
+from blockstate.models.presets import PAPER_PARAMETERS
 from blockstate.models.stateful import SegmentCarry, SegmentLMOutput, map_carry
 
 REFERENCE_MODEL = "bst-sh-s4"  # the budget every baseline is matched to, size by size
@@ -206,7 +206,10 @@ def _bst(variant: str, kernel: str) -> Callable[..., PretrainedConfig]:
     return build
 
 
-def _bst_gated(variant: str, kernel: str) -> Callable[..., PretrainedConfig]:
+def _bst_gated(variant: str, short: str) -> Callable[..., PretrainedConfig]:
+    """``bst-<variant>-<short>`` with the ``TUNED`` settings and the FFN matched to bst-sh-s4's count."""
+    kernel = KERNEL_NAMES[short]
+
     def build(size: str, **overrides: Any) -> BlockStateConfig:
         fields = {**_size(size), **overrides}
         layers = fields["num_hidden_layers"]
@@ -215,26 +218,29 @@ def _bst_gated(variant: str, kernel: str) -> Callable[..., PretrainedConfig]:
             tuned["bst_layers"] = list(range(layers))
         tuned.update(overrides)
         if "intermediate_size" not in overrides:
-            tuned["intermediate_size"] = _matched_ffn(variant, kernel, size, tuned)
+            tuned["intermediate_size"] = matched_ffn(f"bst-{variant}-{short}", size, tuned)
         return preset_config(size, variant, kernel, **tuned)
 
     return build
 
 
-def _matched_ffn(variant: str, kernel: str, size: str, overrides: dict[str, Any]) -> int:
-    """The FFN width (a multiple of 32) that gives ``bst-<variant>-<kernel>`` with ``overrides`` the parameter
-    count of bst-sh-s4 at ``size`` (with the same width-changing overrides). The count is linear in the width."""
-    key = json.dumps([variant, kernel, size, overrides], sort_keys=True, default=str)
+SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def matched_ffn(name: str, size: str, overrides: dict[str, Any], target: int | None = None) -> int:
+    """The FFN width (a multiple of 32) that gives ``name`` with ``overrides`` ``target`` parameters (default:
+    bst-sh-s4's count at ``size`` with the same width, depth, heads and vocabulary). The count is linear in the
+    width, so two counts on the meta device solve it. Used by the tuned presets and by ``blockstate ablate``."""
+    key = json.dumps([name, size, overrides, target], sort_keys=True, default=str)
     if key not in _MATCHED_FFN:
-        shape = {k: v for k, v in overrides.items() if k in ("hidden_size", "num_hidden_layers",
-                                                                 "num_attention_heads", "vocab_size")}
-        target = count_model_parameters(REFERENCE_MODEL, size, **shape)
+        if target is None:
+            shape = {k: v for k, v in overrides.items() if k in SHAPE_FIELDS}
+            target = count_model_parameters(REFERENCE_MODEL, size, **shape)
 
         def count(width: int) -> int:
-            config = preset_config(size, variant, kernel, **{**overrides, "intermediate_size": width})
-            return count_parameters(config)
+            return count_model_parameters(name, size, **{**overrides, "intermediate_size": width})
 
-        width = preset_config(size, variant, kernel, **shape).intermediate_size
+        width = model_config(name, size, **overrides).intermediate_size
         slope = count(width) - count(width - 32)
         _MATCHED_FFN[key] = max(32, width + round((target - count(width)) / slope) * 32)
     return _MATCHED_FFN[key]
@@ -278,7 +284,7 @@ def _register_defaults() -> None:
                            f"Block-State Transformer, {words} context states, {kernel} kernel",
                            PAPER_PARAMETERS.get((variant, kernel)))
     for variant, short in TUNED.items():
-        register_model(f"bst-{variant}-{short}-gated", _bst_gated(variant, KERNEL_NAMES[short]), BlockStateForCausalLM,
+        register_model(f"bst-{variant}-{short}-gated", _bst_gated(variant, short), BlockStateForCausalLM,
                        f"Block-State Transformer, {variants[variant]}, every layer a BST layer, SSM output also gated "
                        "into the residual stream (beyond the paper; chosen by blockstate ablate)")
     register_model("gpt", _attention("gpt"), BlockTransformerForCausalLM, "full causal attention (SDPA)")

@@ -95,19 +95,16 @@ def _resolve(arm: Arm, base: dict[str, Any]) -> dict[str, Any]:
 
 def equalize(model: str, size: str, args: dict[str, Any], target: int) -> tuple[dict[str, Any], int]:
     """Widen or narrow the FFN (``intermediate_size``, in steps of 32) to bring the model to ~``target``
-    parameters: returns the overrides to use and the resulting count. Arms within 1% are kept as they are."""
-    from blockstate.registry import count_model_parameters, model_config
+    parameters (``blockstate.registry.matched_ffn``): returns the overrides to use and the resulting count. Arms
+    within 1% are kept as they are."""
+    from blockstate.registry import count_model_parameters, matched_ffn
 
     count = count_model_parameters(model, size, **args)
     if abs(count - target) <= 0.01 * target:
         return args, count
-    width = model_config(model, size, **args).intermediate_size
-    # the count is linear in the FFN width (an SSM-gated FFN has three matrices per unit, a plain one two)
-    slope = count - count_model_parameters(model, size, **{**args, "intermediate_size": width - 32})
-    width += round((target - count) / slope) * 32
-    if width < 32:
+    args = {**args, "intermediate_size": matched_ffn(model, size, args, target)}
+    if args["intermediate_size"] <= 32:
         raise ValueError(f"arm {args} cannot be brought to {target:,} parameters by narrowing the FFN")
-    args = {**args, "intermediate_size": width}
     return args, count_model_parameters(model, size, **args)
 
 
