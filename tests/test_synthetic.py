@@ -223,6 +223,13 @@ def test_the_command_runs_end_to_end_and_skips_finished_pairs(tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped") == 4
     err = one_line_error(capsys, [*argv[:-2], "--lr", "0.01", "--out", str(out)])
     assert "trained with other settings (lr)" in err and "--overwrite" in err
+    before = (out / "synthetic.md").read_text()
+    (out / "synthetic.md").unlink()
+    assert main(["synthetic", "--report", str(out / "synthetic.json")]) == 0  # re-renders, trains nothing
+    assert (out / "synthetic.md").read_text() == before and "skipped" not in capsys.readouterr().out
+    assert "does not exist" in one_line_error(capsys, ["synthetic", "--report", str(tmp_path / "none.json")])
+    assert "not a blockstate synthetic result" in one_line_error(
+        capsys, ["synthetic", "--report", str(out / "pairs" / "passkey" / "gpt.json")])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ def display(model: str) -> str:
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{100 * x:.0f}"
+    if x is None or x != x:
+        return "-"
+    return f"{100 * x:.1f}" if x < 0.1 else f"{100 * x:.0f}"  # near chance, one more digit says more
 
 
 def _seconds(x: float | None) -> str:
@@ -69,6 +72,14 @@ def recalls_to(pair: dict[str, Any], train_length: int) -> str:
     return f"{max(hits)} blocks" if hits else "none"
 
 
+def at_chance(pairs: list[dict[str, Any]], task: dict[str, Any]) -> list[str]:
+    """Models whose final training answer loss is that of guessing uniformly (within 2%)."""
+    chance = task.get("chance")
+    if not chance or chance != chance:
+        return []
+    return [p["model"] for p in pairs if p["train"]["final_train_loss"] >= 0.98 * -math.log(chance)]
+
+
 def task_text(name: str, task: dict[str, Any], settings: dict[str, Any]) -> str:
     o, w = task["options"], settings["block_size"]
     recipe = (f"{task['steps']} steps of {task['batch_size']} rows; {task['test_examples']} held-out rows per "
@@ -79,7 +90,7 @@ def task_text(name: str, task: dict[str, Any], settings: dict[str, Any]) -> str:
                 f"(Zoology's metric), overall and by the distance from a query back to its value in blocks of "
                 f"W = {w} (bin a-b: at least a, less than b blocks).")
     if name == "passkey":
-        return (f"Training length {o['seq_len']}, passkeys of {o['digits']} digits at random distances; W = "
+        return (f"Training length {o['seq_len']}, {o['digits']}-digit passkeys at log-uniform random distances; W = "
                 f"{o['block_size']}; {recipe}. Accuracy = all digits right (what greedy decoding returns), by the "
                 "distance from the passkey to where it is asked for, in blocks (`d=k`: k blocks back, at the "
                 "training length; `@ N`: the same at test length N, past the training length).")
@@ -95,7 +106,9 @@ def markdown(payload: dict[str, Any]) -> str:
              f"fresh batches every step. Machine: {m['device']}, torch {m['torch']}, {m['threads']} threads, "
              f"OMP_WAIT_POLICY {m.get('omp_wait_policy', '?')}, load {m.get('load_1min_at_start', '?')} at the "
              f"start; this invocation took {_seconds(payload.get('wall_seconds_this_invocation'))} (pairs done "
-             "before are reused). Accuracies in %.", "", f"Command: `{payload['command']}`", ""]
+             "before are reused). Accuracies in %; bold: a column's best, where it is at least 10 points above "
+             "chance. BST:MF and BST:SH:unstructured carry their variant's own extra SSM parameters (the ratio "
+             "column).", "", f"Command: `{payload['command']}`", ""]
     for name, task in payload["tasks"].items():
         pairs = [p for p in payload["pairs"] if p["task"] == name]
         if not pairs:
@@ -110,19 +123,44 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         reference = task.get("reference_parameters")
         best = {k: max((cell(p, k) or 0.0) for p in pairs) for k, _ in cols}
+        floor = (task.get("chance") or 0.0) + 0.1  # bold only clearly above chance (64 rows: +-6 points of noise)
         for p in pairs:
             ratio = f"{p['parameters'] / reference:.3f}" if reference else "-"
             row = [display(p["model"]), f"{p['parameters'] / 1e3:.0f}k", ratio, _seconds(p["train"]["train_seconds"]),
                    f"{p['train']['final_train_loss']:.3f}"]
             for k, _ in cols:
                 v = cell(p, k)
-                bold = "**" if v is not None and v == best[k] and v > 0 else ""
+                bold = "**" if v is not None and v == best[k] and v >= floor else ""
                 row.append(f"{bold}{_pct(v)}{bold}")
             if has_reach:
                 row.append(recalls_to(p, task["train_length"]))
             lines.append("| " + " | ".join(row) + " |")
+        guessing = at_chance(pairs, task)
+        if guessing:
+            lines += ["", f"At chance (final answer loss within 2% of ln(1/chance) = {-math.log(task['chance']):.3f}, "
+                          f"i.e. not using the context): {', '.join(display(m) for m in guessing)}. Models that "
+                          "guess identically score identically."]
         lines.append("")
     return "\n".join(lines)
+
+
+def render(path: Path) -> str:
+    """Rewrite ``synthetic.md`` and ``synthetic.png`` beside a saved ``synthetic.json``; returns the markdown."""
+    import json
+
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--report {path} does not exist: pass the synthetic.json of a run") from None
+    except ValueError:
+        raise ValueError(f"--report {path} is not JSON: pass the synthetic.json of a run") from None
+    if not isinstance(payload, dict) or payload.get("benchmark") != "synthetic":
+        raise ValueError(f"--report {path} is not a blockstate synthetic result (no benchmark: synthetic)")
+    text = markdown(payload)
+    path.with_suffix(".md").write_text(text, encoding="utf-8")
+    plot(payload, path.with_suffix(".png"))
+    return text
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:

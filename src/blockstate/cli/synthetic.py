@@ -79,6 +79,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/synthetic"),
                    help="directory for synthetic.{md,json,png} and pairs/ (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="retrain pairs saved with other settings")
+    p.add_argument("--report", type=Path, default=None, metavar="FILE.json",
+                   help="re-render a saved synthetic.json (markdown and PNG beside it); trains nothing")
     p.set_defaults(run=run)
 
 
@@ -170,7 +172,7 @@ def command_line(args: argparse.Namespace) -> str:
     defaults = vars(parser.parse_args(["synthetic"]))
     words: list[str] = []
     for key, value in vars(args).items():
-        if key not in defaults or key in ("run", "overwrite") or value == defaults[key]:
+        if key not in defaults or key in ("run", "overwrite", "report") or value == defaults[key]:
             continue
         if key == "model_args":
             words += [w for k, v in value for w in ("--model-arg", f"{k}={json.dumps(v)}")]
@@ -183,7 +185,10 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blockstate.benchmarks import synthetic
+    from blockstate.benchmarks import synthetic, synthetic_report
 
+    if args.report is not None:
+        print(synthetic_report.render(args.report))
+        return 0
     synthetic.run(settings(args))
     return 0

@@ -51,7 +51,7 @@ class Passkey(SyntheticTask):
     digits: int = 1
 
     def chance(self) -> float:
-        return 0.1 ** self.digits
+        return 1 / (9 * 10 ** (self.digits - 1))  # no leading zero
 
     def tokens(self) -> list[str]:
         return ["<pad>", *WORDS, *DIGITS]
