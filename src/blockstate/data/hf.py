@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import SPLIT_ALIASES, SPLITS, DataError, ReadStats, stable_hash
-from .corpora import Corpus, hash_split
+from .corpus import Corpus, hash_split
 from .reading import DocRef
 
 

@@ -35,7 +35,7 @@ from .common import (
     slug,
     stable_hash,
 )
-from .corpora import Corpus
+from .corpus import Corpus
 from .tokenizers import BytesTokenizer, Tokenizer
 
 CACHE_VERSION = 1
