@@ -83,10 +83,11 @@ GSS = {  # paper size is the GSS paper's own layer (F = 4E, H = E/4, N = 512 DSS
 }
 
 
-# The presets chosen by ``blockstate ablate`` on books (README, "Long context on books"): every layer a BST layer,
-# its SSM output also gated into the residual stream (``ssm_residual="gated"``, beyond the paper), and the FFN
-# narrowed so the model has bst-sh-s4's parameter count at every size. The paper's configurations keep their names.
+# The presets chosen by ``blockstate ablate`` on books (README, "Long context on books"): the paper's layout of BST
+# layers, each BST layer's FFN a GLU gated by its SSM output (``ssm_residual="ffn"``, beyond the paper), and the FFN
+# width matched to bst-sh-s4's parameter count at every size. The paper's configurations keep their names.
 TUNED = {"sh": "s4", "mf": "s4"}  # variant -> kernel of the registered ``bst-<variant>-<kernel>-gated`` presets
+TUNED_SETTINGS: dict[str, Any] = {"ssm_residual": "ffn"}
 
 
 @dataclass(frozen=True)
@@ -211,12 +212,8 @@ def _bst_gated(variant: str, short: str) -> Callable[..., PretrainedConfig]:
     kernel = KERNEL_NAMES[short]
 
     def build(size: str, **overrides: Any) -> BlockStateConfig:
-        fields = {**_size(size), **overrides}
-        layers = fields["num_hidden_layers"]
-        tuned: dict[str, Any] = {"ssm_residual": "gated"}
-        if isinstance(layers, int) and not isinstance(layers, bool):  # else the config's validation names it
-            tuned["bst_layers"] = list(range(layers))
-        tuned.update(overrides)
+        _size(size)
+        tuned = {**TUNED_SETTINGS, **overrides}
         if "intermediate_size" not in overrides:
             tuned["intermediate_size"] = matched_ffn(f"bst-{variant}-{short}", size, tuned)
         return preset_config(size, variant, kernel, **tuned)
@@ -285,8 +282,8 @@ def _register_defaults() -> None:
                            PAPER_PARAMETERS.get((variant, kernel)))
     for variant, short in TUNED.items():
         register_model(f"bst-{variant}-{short}-gated", _bst_gated(variant, short), BlockStateForCausalLM,
-                       f"Block-State Transformer, {variants[variant]}, every layer a BST layer, SSM output also gated "
-                       "into the residual stream (beyond the paper; chosen by blockstate ablate)")
+                       f"Block-State Transformer, {variants[variant]}, the FFN of BST layers gated by the SSM output "
+                       "(beyond the paper; chosen by blockstate ablate)")
     register_model("gpt", _attention("gpt"), BlockTransformerForCausalLM, "full causal attention (SDPA)")
     register_model("slide", _attention("slide"), BlockTransformerForCausalLM,
                    "sliding-window attention (W), last window's keys/values carried (Slide:12L)", 190e6)
