@@ -86,7 +86,7 @@ GSS = {  # paper size is the GSS paper's own layer (F = 4E, H = E/4, N = 512 DSS
 # The presets chosen by ``blockstate ablate`` on books (README, "Long context on books"): the paper's layout of BST
 # layers, each BST layer's FFN a GLU gated by its SSM output (``ssm_residual="ffn"``, beyond the paper), and the FFN
 # width matched to bst-sh-s4's parameter count at every size. The paper's configurations keep their names.
-TUNED = {"sh": "s4", "mf": "s4"}  # variant -> kernel of the registered ``bst-<variant>-<kernel>-gated`` presets
+TUNED = {"sh": "s4"}  # variant -> kernel of the registered ``bst-<variant>-<kernel>-gated`` presets (MF: no gain)
 TUNED_SETTINGS: dict[str, Any] = {"ssm_residual": "ffn"}
 
 
