@@ -83,11 +83,12 @@ GSS = {  # paper size is the GSS paper's own layer (F = 4E, H = E/4, N = 512 DSS
 }
 
 
-# The presets chosen by ``blockstate ablate`` on books (README, "Long context on books"): the paper's layout of BST
-# layers, each BST layer's FFN a GLU gated by its SSM output (``ssm_residual="ffn"``, beyond the paper), and the FFN
-# width matched to bst-sh-s4's parameter count at every size. The paper's configurations keep their names.
+# The preset chosen by ``blockstate ablate`` on books (README, "Long context on books"): the paper's layout of BST
+# layers, each BST layer's FFN a GLU gated by its SSM output (``ssm_residual="ffn"``, beyond the paper), blocks that
+# also attend to the previous block, and the FFN width matched to bst-sh-s4's parameter count at every size. The
+# paper's configurations keep their names.
 TUNED = {"sh": "s4"}  # variant -> kernel of the registered ``bst-<variant>-<kernel>-gated`` presets (MF: no gain)
-TUNED_SETTINGS: dict[str, Any] = {"ssm_residual": "ffn"}
+TUNED_SETTINGS: dict[str, Any] = {"ssm_residual": "ffn", "attend_previous_block": True}
 
 
 @dataclass(frozen=True)
@@ -282,8 +283,8 @@ def _register_defaults() -> None:
                            PAPER_PARAMETERS.get((variant, kernel)))
     for variant, short in TUNED.items():
         register_model(f"bst-{variant}-{short}-gated", _bst_gated(variant, short), BlockStateForCausalLM,
-                       f"Block-State Transformer, {variants[variant]}, the FFN of BST layers gated by the SSM output "
-                       "(beyond the paper; chosen by blockstate ablate)")
+                       f"Block-State Transformer, {variants[variant]}, the FFN of BST layers gated by the SSM output, "
+                       "previous block attended (beyond the paper; chosen by blockstate ablate)")
     register_model("gpt", _attention("gpt"), BlockTransformerForCausalLM, "full causal attention (SDPA)")
     register_model("slide", _attention("slide"), BlockTransformerForCausalLM,
                    "sliding-window attention (W), last window's keys/values carried (Slide:12L)", 190e6)
