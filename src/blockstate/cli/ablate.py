@@ -62,7 +62,7 @@ def chosen_arms(text: str, num_layers: int) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from blockstate.benchmarks import ablation
-    from blockstate.benchmarks.compare import CompareSettings
+    from blockstate.benchmarks.compare import CompareSettings, slug
     from blockstate.cli.train import _setup_logging
     from blockstate.evaluation import parse_lengths
     from blockstate.registry import model_config
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                         lr=args.lr, seed=args.seed,
                         precision=args.precision, device=args.device, lengths=args.lengths,
                         eval_tokens=args.eval_tokens, split="validation", runs=args.runs,
-                        out=args.out or Path("benchmarks/results") / f"ablation-{Path(args.corpus).name}",
+                        out=args.out or Path("benchmarks/results") / f"ablation-{slug(args.corpus)}",
                         threads=args.threads, progress=not args.no_progress, overwrite=args.overwrite,
                         command="blockstate ablate " + " ".join(_flags(args)))
     s = dataclasses.replace(s, lane_span=0)  # every arm is stateless: shuffled segments
