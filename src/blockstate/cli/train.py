@@ -45,7 +45,7 @@ def _model_arg(text: str) -> tuple[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from blockstate.training.config import DEFAULT_TIME_BUDGET_MINUTES, OPTIMIZERS, PRECISIONS, SCHEDULES
+    from blockstate.training.config import DEFAULT_TOKENS, OPTIMIZERS, PRECISIONS, SCHEDULES
     from blockstate.training.model_factory import MODEL_NAMES
 
     p = sub.add_parser(name, help="train a language model (default: tiny BST on python-stdlib, ~10 min on CPU)",
@@ -82,9 +82,12 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     g.add_argument("--batch-size", type=int, default=S, help="segments per process per micro-step (default 4)")
     g.add_argument("--grad-accum", type=int, default=S, help="micro-steps per optimiser step (default 1)")
     g.add_argument("--steps", type=int, default=S, help="optimiser steps")
-    g.add_argument("--tokens", type=_count, default=S, help="token budget instead of --steps (e.g. 20M)")
+    g.add_argument("--tokens", type=_count, default=S,
+                   help=f"token budget instead of --steps (e.g. 20M); the default when no budget is given is "
+                        f"{DEFAULT_TOKENS / 1e6:g}M, the same result on every machine")
     g.add_argument("--time-budget", type=float, default=S, metavar="MIN",
-                   help=f"minutes of training; the default when no budget is given is {DEFAULT_TIME_BUDGET_MINUTES}")
+                   help="minutes of training (with --steps or --tokens: a hard stop; alone: the cosine follows "
+                        "time, so the result depends on the machine's speed)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help="default adamw")

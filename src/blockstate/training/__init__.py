@@ -9,13 +9,13 @@ Typical use::
 The command line is ``blockstate train`` (``blockstate.cli.train``).
 """
 
-from blockstate.training.config import DEFAULT_TIME_BUDGET_MINUTES, TrainConfig, load_config_file, merge
+from blockstate.training.config import DEFAULT_TOKENS, TrainConfig, load_config_file, merge
 from blockstate.training.model_factory import build_model, known_models, parse_bst_name
 from blockstate.training.optim import build_optimizer, group_of_parameters, lr_factor
 from blockstate.training.trainer import Trainer, TrainResult
 
 __all__ = [
-    "DEFAULT_TIME_BUDGET_MINUTES",
+    "DEFAULT_TOKENS",
     "TrainConfig",
     "TrainResult",
     "Trainer",

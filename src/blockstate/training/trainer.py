@@ -58,6 +58,15 @@ from blockstate.training.steps import (
 )
 
 logger = logging.getLogger("blockstate.train")
+SPEED_STEPS = 20  # the speed line is printed after this many steps (the first ones include warm-up costs)
+
+
+def block_label(config: Any) -> str:
+    """W as the log prints it: gpt's one block as long as any input (FULL_ATTENTION) reads ``full``."""
+    from blockstate.models.configuration_baselines import FULL_ATTENTION
+
+    size = getattr(config, "block_size", None)
+    return "full" if isinstance(size, int) and size >= FULL_ATTENTION else str(size)
 
 
 class TrainingDiverged(ValueError):
@@ -248,7 +257,7 @@ class Trainer:
                 f"{train_data.num_tokens:,} tokens in {train_data.num_documents} documents; "
                 f"read: {corpus.stats.summary()}")
             say(f"model: {cfg.model} size={cfg.size}, {n_params:,} parameters, L={seq_len}, "
-                f"W={model.config.block_size}; {cfg.optimizer} groups "
+                f"W={block_label(model.config)}; {cfg.optimizer} groups "
                 + ", ".join(f"{g['name']}={g['params']:,}@{g['lr']:.0e}" for g in describe_groups(optimizer)))
             budget = (f"{total_steps} steps" if total_steps else "") + (
                 f"{' or ' if total_steps else ''}{format_seconds(budget_s)} of training" if budget_s else "")
@@ -298,6 +307,8 @@ class Trainer:
         last_loss: float | None = None
         interrupted = None
         t_rate, tokens_rate = time.perf_counter(), tokens
+        t_speed, tokens_speed, speed_said = time.perf_counter(), tokens, not main  # the one-time speed line
+        precision = "bf16 autocast" if use_bf16(cfg.precision, info.device) else "fp32"
         wrapped.train()
         with StopSignals() as stop:
             while total_steps is None or step < total_steps:
@@ -367,6 +378,13 @@ class Trainer:
                         progress.set_total(max(step, int(step * budget_s / max(elapsed, 1e-9))))
                     progress.update(step, total_steps, last_loss if last_loss is not None else math.nan, tok_s, lr,
                                     eta)
+                    if not speed_said and (step >= SPEED_STEPS or done):  # once, early: what this machine does
+                        speed_said = True
+                        rate = (tokens - tokens_speed) / max(1e-9, now - t_speed)
+                        need = total_steps * tokens_per_step / rate if total_steps and rate > 0 else None
+                        left = f"; {total_steps:,} steps take about {format_seconds(need)} at this rate" if need else ""
+                        (progress.write if progress.enabled else say)(
+                            f"speed: {rate:,.0f} tokens/s in {precision} over the first {step} steps{left}")
                 if valid_head is not None and cfg.eval_every and step % cfg.eval_every == 0 and not done:
                     t_eval = time.perf_counter()
                     res = validate(valid_head)
