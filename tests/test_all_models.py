@@ -115,7 +115,7 @@ STREAMING = [n for n in MODELS if hasattr(build(n), "allocate_inference_cache")]
 
 
 def test_streaming_covers_the_attention_baselines():
-    assert {"gpt", "slide", "transformer-xl", "brect", "bst-sh-s4"} <= set(STREAMING)
+    assert {"gpt", "slide", "transformer-xl", "brect", "gss-hybrid", "bst-sh-s4"} <= set(STREAMING)
 
 
 @pytest.mark.parametrize("name", STREAMING)

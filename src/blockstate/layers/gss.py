@@ -24,7 +24,14 @@ What was followed, and what could not be checked against the paper's text (this 
 ``gss_kernel`` other than ``"dss"`` (``"s4d"``, ``"unstructured"``, ``"explicit"``) runs the project's kernel of
 that name on the narrow branch instead (``make_kernel``, one filter per channel), for ablations. Either way the
 kernel is applied by ``LongConvSSM`` (the causal ``fft_causal_conv``) and its parameters are fp32 and tagged
-``_ssm`` (lower learning rate, no weight decay). Streaming (an inference cache) is not implemented for GSS.
+``_ssm`` (lower learning rate, no weight decay).
+
+Streaming has the one interface every layer here has: the parallel ``forward`` (which, given a cache, also keeps
+the state decoding needs), ``step`` (one token) and ``allocate_inference_cache``. A DSS kernel is an S4D kernel
+with A = Lambda and C = W / 2 (``blockstate.ops.dss_as_s4d``), so it runs as S4D's exact diagonal recurrence:
+a (B, H, N) complex state, constant memory and time per token; S4D likewise; the unstructured and explicit
+kernels keep the narrow branch's input history and convolve it incrementally (``LongConvSSM``). The SSM runs in
+fp32 on every path and meets the wide branch in the activations' dtype.
 """
 
 from __future__ import annotations
@@ -34,9 +41,10 @@ import torch.nn.functional as F
 import transformers.initialization as init
 from torch import nn
 
+from blockstate.layers.cache import LayerCache
 from blockstate.layers.common import RMSNorm
-from blockstate.layers.ssm import LongConvSSM, _tag_ssm, make_kernel
-from blockstate.ops import dss_init, dss_kernel
+from blockstate.layers.ssm import LongConvSSM, S4DKernel, _tag_ssm, make_kernel
+from blockstate.ops import dss_as_s4d, dss_init, dss_kernel
 
 GSS_KERNELS = ("dss", "s4d", "unstructured", "explicit")
 
@@ -63,6 +71,28 @@ class DSSKernel(nn.Module):
     def forward(self, length: int) -> torch.Tensor:
         return dss_kernel(self.log_dt, self.log_lambda_re, self.lambda_im, self.w, length).unsqueeze(1)
 
+    # The S4D view of the same kernel (A = Lambda per channel, C = W / 2), read by the recurrence in LongConvSSM
+    # (``s4d_step`` / ``s4d_final_state`` / ``s4d_state_response`` take ``kernel.log_a_real``, ``.a_imag``, ``.c``).
+    @property
+    def log_a_real(self) -> torch.Tensor:
+        return dss_as_s4d(self.log_dt, self.log_lambda_re, self.lambda_im, self.w)[1]
+
+    @property
+    def a_imag(self) -> torch.Tensor:
+        return dss_as_s4d(self.log_dt, self.log_lambda_re, self.lambda_im, self.w)[2]
+
+    @property
+    def c(self) -> torch.Tensor:
+        return dss_as_s4d(self.log_dt, self.log_lambda_re, self.lambda_im, self.w)[3]
+
+
+class GatedConvSSM(LongConvSSM):
+    """``LongConvSSM`` whose streaming also runs DSS kernels as their diagonal recurrence (as it runs S4D's)."""
+
+    @property
+    def recurrent(self) -> bool:
+        return isinstance(self.kernel, (S4DKernel, DSSKernel))
+
 
 def gss_kernel(config, channels: int) -> nn.Module:
     """The narrow branch's kernel bank named by ``config.gss_kernel``."""
@@ -82,15 +112,36 @@ class GatedStateSpaceLayer(nn.Module):
         self.norm = RMSNorm(dim, config.rms_norm_eps)
         self.wide = nn.Linear(dim, wide, bias=False)  # W_v
         self.narrow = nn.Linear(dim, narrow, bias=False)  # W_s
-        self.ssm = LongConvSSM(narrow, 1, gss_kernel(config, narrow))
+        self.ssm = GatedConvSSM(narrow, 1, gss_kernel(config, narrow))
         self.expand = nn.Linear(narrow, wide, bias=False)  # W_uc
         self.out = nn.Linear(wide, dim, bias=False)  # W_o
         self.out._residual_output = True  # depth-scaled init, like every residual branch's output
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, lengths: torch.Tensor | None = None,
+                start: int = 0) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D). With ``cache``, also keep the SSM state (or input history) for decoding from
+        position start + lengths[b] (row b holds lengths[b] real tokens, then padding); with start > 0, continue
+        the stream the cache has read ``start`` tokens of."""
         u = self.norm(x)
         v = F.gelu(self.wide(u))
         s = F.gelu(self.narrow(u))
-        y = self.ssm(s)[:, :, 0].transpose(1, 2).to(s.dtype)  # (B, H, 1, L) fp32 -> (B, L, H)
+        y = self.ssm(s, cache, start)[:, :, 0].transpose(1, 2).to(s.dtype)  # (B, H, 1, L) fp32 -> (B, L, H)
+        if cache is not None:  # after the pass above, which reads the state carried into this chunk
+            if lengths is None:
+                lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
+            self.ssm.fill_cache(cache, s, lengths, start)
         return x + self.dropout(self.out(self.expand(y) * v))
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, cache: LayerCache, position: torch.Tensor) -> torch.Tensor:
+        """One token per row: x (B, D) at positions (B,) -> (B, D), equal to the parallel forward there."""
+        u = self.norm(x)
+        v = F.gelu(self.wide(u))
+        s = F.gelu(self.narrow(u))
+        y = self.ssm.step(cache, s, position)[..., 0].to(s.dtype)  # (B, H, 1) fp32 -> (B, H)
+        return x + self.dropout(self.out(self.expand(y) * v))
+
+    def allocate_inference_cache(self) -> LayerCache:
+        """An empty cache; the SSM state (or history) is sized on first use (prefill or step)."""
+        return LayerCache()

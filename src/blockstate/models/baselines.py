@@ -7,7 +7,7 @@
 - ``BlockRecurrentForCausalLM``: the same sliding stack with ``BlockRecurrentLayer`` at ``recurrent_layers``; the
   recurrent state and the keys/values carry across segments (BRecT, Rec:fixed:skip).
 - ``GatedStateSpaceForCausalLM``: ``GatedStateSpaceLayer`` stack with a ``BlockTransformerLayer`` at
-  ``attention_layers`` (GSS-Hybrid); nothing carried.
+  ``attention_layers`` (GSS-Hybrid); nothing carried; streams and generates as the BST model does.
 
 Every model takes ``forward(input_ids, labels=None, ...)`` and returns fp32 logits (B, L, V) and the mean
 next-token loss, like the BST model; the carry interface is described in ``blockstate.registry``.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+from transformers.modeling_outputs import CausalLMOutput
 
 from blockstate.layers import BlockTransformerLayer, RMSNorm
 from blockstate.layers.cache import BlockStateCache
@@ -31,9 +31,8 @@ from blockstate.models.configuration_baselines import (
 from blockstate.models.modeling_blockstate import (
     BlockStateCausalLMOutput,
     BlockStateForCausalLM,
+    BlockStateModel,
     BlockStatePreTrainedModel,
-    LMHeadAccessors,
-    TokenEmbeddingAccessors,
     causal_lm_loss,
     check_attention_mask,
     check_input_ids,
@@ -129,14 +128,16 @@ class BlockRecurrentForCausalLM(BlockTransformerForCausalLM):
         return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache)
 
 
-class GatedStateSpaceModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
-    """Embedding -> GSS layers and block-attention layers -> final norm."""
+class GatedStateSpaceModel(BlockStateModel):
+    """Embedding -> GSS layers and block-attention layers -> final norm. Only the layers differ from the BST
+    stack: the parallel forward (with a cache: prefill or block-aligned continuation), ``step`` and
+    ``allocate_inference_cache`` are ``BlockStateModel``'s, which every layer here serves alike."""
 
     config_class = GatedStateSpaceConfig
     _no_split_modules = ["BlockTransformerLayer", "GatedStateSpaceLayer"]
 
     def __init__(self, config: GatedStateSpaceConfig):
-        super().__init__(config)
+        BlockStatePreTrainedModel.__init__(self, config)  # not BlockStateModel's: it would build BST layers
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout)
         attention = set(config.attention_layers)
@@ -147,16 +148,11 @@ class GatedStateSpaceModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
-    def forward(self, input_ids: torch.LongTensor, **kwargs) -> BaseModelOutput:
-        check_input_ids(input_ids, self.config.vocab_size)
-        x = self.dropout(self.embed_tokens(input_ids))
-        for layer in self.layers:
-            x = layer(x)
-        return BaseModelOutput(last_hidden_state=self.norm(x))
 
-
-class GatedStateSpaceForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel):
-    """GSS-Hybrid causal LM; stateless (``carry``/``reset`` are accepted and ignored)."""
+class GatedStateSpaceForCausalLM(BlockStateForCausalLM):
+    """GSS-Hybrid causal LM; stateless (``carry``/``reset`` are accepted and ignored). Its forward, streaming
+    cache and ``generate()`` are the BST model's (left/right padding, prefill, token-by-token decoding, beam
+    reordering): the GSS layers' SSM decodes as a recurrence, the attention layers keep their blocks' keys/values."""
 
     config_class = GatedStateSpaceConfig
     carries_state = False
@@ -164,16 +160,7 @@ class GatedStateSpaceForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel):
     _no_split_modules = ["BlockTransformerLayer", "GatedStateSpaceLayer"]
 
     def __init__(self, config: GatedStateSpaceConfig):
-        super().__init__(config)
+        BlockStatePreTrainedModel.__init__(self, config)  # not BlockStateForCausalLM's: it builds the BST stack
         self.model = GatedStateSpaceModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def forward(self, input_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
-                attention_mask: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
-        if input_ids is None:
-            raise ValueError("GSS-Hybrid needs input_ids (B, L)")
-        right_padding_only(attention_mask, input_ids)
-        logits = self.lm_head(self.model(input_ids).last_hidden_state).float()
-        loss = None if labels is None else causal_lm_loss(logits, labels)
-        return CausalLMOutput(loss=loss, logits=logits)

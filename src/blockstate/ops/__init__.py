@@ -1,6 +1,6 @@
 """Pure functions: each fast path with a readable reference beside it (the test oracle)."""
 
-from blockstate.ops.dss import dss_init, dss_kernel, dss_kernel_reference
+from blockstate.ops.dss import dss_as_s4d, dss_init, dss_kernel, dss_kernel_reference
 from blockstate.ops.fftconv import causal_conv_reference, fft_causal_conv, fft_size
 from blockstate.ops.implicit import decay_rates, exponential_decay, positional_features, squash_smooth
 from blockstate.ops.s4d import (
@@ -18,6 +18,7 @@ from blockstate.ops.s4d import (
 __all__ = [
     "causal_conv_reference",
     "decay_rates",
+    "dss_as_s4d",
     "dss_init",
     "dss_kernel",
     "dss_kernel_reference",

@@ -11,6 +11,10 @@ that is the ZOH-discretised diagonal SSM with B = 1 and C = W, taken with ``Re``
 runs through ``s4d_kernel``'s real-arithmetic, chunked path (no complex (h, n, L) tensor: GSS uses hundreds of
 modes). ``dss_kernel_reference`` is the formula above, term by term, in complex128: the test oracle.
 
+Streaming uses the same identity the other way round: ``dss_as_s4d`` gives the S4D parameters of a DSS kernel, so
+its exact diagonal recurrence (``s4d_step``, ``s4d_final_state``, ``s4d_state_response``) runs a GSS layer one
+token at a time with a (B, h, n) complex state, constant in the context length.
+
 Parameters (real tensors, fp32, like S4D's):
     log_dt        (h,)       dt = exp(log_dt), per channel
     log_lambda_re (n,)       shared modes: Re(Lambda) = -exp(log_lambda_re)
@@ -47,11 +51,19 @@ def dss_init(h: int, n: int, init: str = "lin", dt_min: float = 1e-3, dt_max: fl
     }
 
 
+def dss_as_s4d(log_dt: torch.Tensor, log_lambda_re: torch.Tensor, lambda_im: torch.Tensor,
+               w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The S4D parameters (log_dt, log_a_real, a_imag, c) of the DSS kernel: A_(c,n) = Lambda_n, C = W / 2.
+
+    The shared modes are expanded (a view, no copy) to one row per channel, as S4D keeps them."""
+    h, n = w.shape[0], w.shape[1]
+    return log_dt, log_lambda_re.expand(h, n), lambda_im.expand(h, n), 0.5 * w
+
+
 def dss_kernel(log_dt: torch.Tensor, log_lambda_re: torch.Tensor, lambda_im: torch.Tensor, w: torch.Tensor,
                length: int) -> torch.Tensor:
     """The (h, length) DSS-EXP kernel, fp32 (see the module doc): ``s4d_kernel`` with A = Lambda, C = W / 2."""
-    h, n = w.shape[0], w.shape[1]
-    return s4d_kernel(log_dt, log_lambda_re.expand(h, n), lambda_im.expand(h, n), 0.5 * w, length)
+    return s4d_kernel(*dss_as_s4d(log_dt, log_lambda_re, lambda_im, w), length)
 
 
 def dss_kernel_reference(log_dt: torch.Tensor, log_lambda_re: torch.Tensor, lambda_im: torch.Tensor,
