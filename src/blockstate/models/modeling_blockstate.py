@@ -8,6 +8,7 @@ the result on the real tokens identical to the unpadded computation.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,26 @@ def build_layer(config: BlockStateConfig, index: int) -> nn.Module:
     return BlockTransformerLayer(config)
 
 
+# Value checks (token ids and labels in range) read a tensor's values on the host. For a CPU tensor that costs a
+# reduction; for one on an accelerator it is a host-device synchronisation that stalls every training step (issue
+# 16), so there they run only when asked for (BLOCKSTATE_DEVICE_CHECKS=1 or ``set_device_value_checks(True)``).
+# Callers that hold the batch on the host check it there before the transfer (training/steps.py); an id out of
+# range on CUDA without the check still fails, as the embedding's device-side assert.
+_DEVICE_VALUE_CHECKS = os.environ.get("BLOCKSTATE_DEVICE_CHECKS", "") not in ("", "0")
+
+
+def set_device_value_checks(enabled: bool) -> bool:
+    """Also check ids / labels that live on an accelerator (one host sync each); returns the previous setting."""
+    global _DEVICE_VALUE_CHECKS
+    previous, _DEVICE_VALUE_CHECKS = _DEVICE_VALUE_CHECKS, bool(enabled)
+    return previous
+
+
+def reads_values(t: torch.Tensor) -> bool:
+    """Whether a value check of ``t`` runs: always on the host, on a device only with device checks on."""
+    return t.device.type == "cpu" or _DEVICE_VALUE_CHECKS
+
+
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """One clear error instead of an index error (or a CUDA device assert) deep inside the embedding."""
     if not isinstance(input_ids, torch.Tensor):
@@ -147,6 +168,8 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError("input_ids is empty (length 0): pass at least one token")
     if input_ids.shape[0] == 0:
         raise ValueError("input_ids is empty (batch size 0): pass at least one row")
+    if not reads_values(input_ids):
+        return
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"input_ids must lie in [0, {vocab_size - 1}] (vocab_size={vocab_size}), got values in "
@@ -288,8 +311,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                          f"{tuple(labels.shape)}")
     if labels.dtype not in (torch.long, torch.int32):
         raise ValueError(f"labels must be an integer tensor (token ids, -100 = ignored), got {labels.dtype}")
-    bad = ((labels < 0) & (labels != -100)) | (labels >= logits.shape[-1])
-    if bool(bad.any()):  # one check instead of an IndexError (or a CUDA device assert) inside cross_entropy
+    bad = ((labels < 0) & (labels != -100)) | (labels >= logits.shape[-1]) if reads_values(labels) else None
+    if bad is not None and bool(bad.any()):  # instead of an IndexError (or a device assert) inside cross_entropy
         raise ValueError(f"labels must lie in [0, {logits.shape[-1] - 1}] (vocab_size) or be -100 (ignored), got "
                          f"e.g. {int(labels[bad][0])}")
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().long(), ignore_index=-100)

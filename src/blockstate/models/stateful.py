@@ -101,7 +101,9 @@ class SegmentStateMixin:
         check_input_ids(input_ids, self.config.vocab_size)
         bsz = input_ids.shape[0]
         if carry is not None and reset is not None:
-            reset = reset.to(device=input_ids.device, dtype=torch.bool).view(-1)
+            # the row split is decided on the host: the data pipeline's flags are already there (no host-device
+            # sync per step, issue 16); flags passed on a device are read once
+            reset = reset.to(device="cpu", dtype=torch.bool).view(-1)
             if reset.shape[0] != bsz:
                 raise ValueError(f"reset must be a BoolTensor of shape ({bsz},), got {tuple(reset.shape)}")
             if bool(reset.all()):
@@ -113,6 +115,7 @@ class SegmentStateMixin:
             # a second group without the carry, and both groups are scattered back in place (exact, same compute)
             parts = []
             for rows, group_carry in ((torch.nonzero(~reset).flatten(), carry), (torch.nonzero(reset).flatten(), None)):
+                rows = rows.to(input_ids.device, non_blocking=True)  # host -> device, nothing to wait for
                 if group_carry is not None:
                     group_carry = map_carry(lambda t, r=rows: t.index_select(0, r.to(t.device)), group_carry)
                 parts.append((rows, *self._carry_at(input_ids[rows], group_carry, carry_length)))

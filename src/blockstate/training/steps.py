@@ -18,6 +18,7 @@ except ImportError:  # a torch build without distributed: no DTensor gradients e
     DTensor = ()
 
 from blockstate.data import IGNORE_INDEX
+from blockstate.models.modeling_blockstate import check_input_ids
 from blockstate.training import distributed as D
 
 
@@ -80,10 +81,15 @@ def step_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: tor
     A stateful model gets its rows' carry and reset flags; segments overlap by one token (the data default),
     so the carry is the state after L - 1 tokens.
     """
+    # the id range check runs here, on the host copy, so the model need not read device values (issue 16); the
+    # reset flags stay on the host, where the model decides its row groups
+    vocab = getattr(getattr(D.unwrap(model), "config", None), "vocab_size", None)
+    if vocab is not None:
+        check_input_ids(batch["input_ids"], vocab)
     ids, labels = batch["input_ids"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
     kwargs = {}
     if stateful:
-        kwargs = {"carry": carry, "reset": batch["reset"].to(device), "carry_length": ids.shape[1] - 1}
+        kwargs = {"carry": carry, "reset": batch["reset"], "carry_length": ids.shape[1] - 1}
     with autocast():
         out = model(input_ids=ids, **kwargs)
     nll = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
