@@ -128,4 +128,71 @@ def test_resume_checks(env, tmp_path, capsys):
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"] == [1]
 
 
+def test_a_misspelt_model_arg_is_refused_before_anything_runs(env, tmp_path, capsys):
+    """`--model-arg hiden_size=64` trained the default width and wrote the typo into config.json."""
+    out = tmp_path / "runs" / "typo"
+    err = one_line_error(capsys, [*base(env), "--output", str(out), "--model-arg", "hiden_size=64"])
+    assert "unknown --model-arg 'hiden_size'" in err and "did you mean 'hidden_size'?" in err
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(TINY_YAML.replace("hidden_size: 32", "hiden_size: 32") + f"data: {env / 'corpus'}\n")
+    err = one_line_error(capsys, ["train", "--config", str(bad), "--output", str(out)])
+    assert f"unknown model_args key in {bad} 'hiden_size'" in err and "did you mean 'hidden_size'?" in err
+    err = one_line_error(capsys, [*base(env), "--output", str(out), "--model", "gpt", "--model-arg", "bst_layer=[0]"])
+    assert "for model gpt" in err and "did you mean 'bst_layers'?" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_start_leaves_no_empty_run_directory(env, tmp_path, capsys, monkeypatch):
+    """`blockstate train --model nonsense` left runs/nonsense-tiny-python-stdlib/ behind."""
+    from blockstate.training import Trainer
+
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, ["train", "--model", "nonsense", "--steps", "3"])
+    assert "--model: unknown model 'nonsense'" in err and not (tmp_path / "runs").exists()
+    # the library path (no CLI pre-check): the directories the start made are removed again, the others kept
+    (tmp_path / "mine").mkdir()
+    cfg = merge({}, {"model": "nonsense", "data": str(env / "corpus"), "cache_dir": str(env / "cache"),
+                     "output": str(tmp_path / "mine" / "a" / "b"), "steps": 1, "progress": False})
+    with pytest.raises(ValueError, match="unknown model 'nonsense'"):
+        Trainer(cfg).run()
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "a").exists()
+
+
+def test_resume_names_the_value_the_run_really_used(env, tmp_path, capsys):
+    """`--resume RUN --seq-len 256` said "the run used None" for a run on the preset's length."""
+    preset = tmp_path / "preset.yaml"  # no seq_len: the model's max_train_length (48) is the run's L
+    preset.write_text(TINY_YAML.replace("seq_len: 64\n", "").replace("num_context_states: 4}",
+                                                                      "num_context_states: 4, max_train_length: 48}")
+                      + f"data: {env / 'corpus'}\ncache_dir: {env / 'cache'}\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(preset), "--steps", "2", "--no-final-eval", "--output", str(run)]) == 0
+    capsys.readouterr()
+    err = one_line_error(capsys, ["train", "--config", str(preset), "--resume", str(run), "--seq-len", "256"])
+    assert "--seq-len 256 (the run used 48)" in err and "None" not in err
+    # the value the run used is no difference at all
+    assert main(["train", "--config", str(preset), "--resume", str(run), "--seq-len", "48", "--steps", "3",
+                 "--no-final-eval"]) == 0
+
+
+def test_the_model_help_lists_every_registered_model(capsys):
+    from blockstate.registry import list_models
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    helptext = text.split("--model MODEL model name:", 1)[1].split("--size", 1)[0].replace("- ", "-")
+    assert all(name in helptext for name in list_models()), helptext
+
+
+def test_the_log_prints_gpt_full_attention_as_w_full(env, tmp_path, capsys):
+    gpt = tmp_path / "gpt.yaml"  # no block_size: gpt's own (one block as long as the input)
+    gpt.write_text(TINY_YAML.replace("block_size: 16\n", "").replace(", num_context_states: 4", "")
+                   + f"data: {env / 'corpus'}\ncache_dir: {env / 'cache'}\n")
+    argv = ["train", "--config", str(gpt), "--model", "gpt", "--steps", "1", "--no-final-eval", "--output"]
+    assert main([*argv, str(tmp_path / "g")]) == 0
+    out = capsys.readouterr().out
+    assert "W=full;" in out and "1073741824" not in out
+    assert "speed: " in out and "tokens/s in " in out  # the speed and precision, printed early
+
+
 # SIGKILL at a random step / SIGTERM then resume: tests/test_reliability_faults.py

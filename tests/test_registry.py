@@ -133,3 +133,28 @@ def test_tuned_presets_match_the_reference_count_and_are_config_data(name, size)
              / count_model_parameters("bst-sh-s4", size, num_hidden_layers=2))  # the reference at that depth
     assert abs(ratio - 1) < 0.02
     assert model_config(name, size, intermediate_size=64).intermediate_size == 64
+
+
+def test_a_misspelt_override_is_refused_with_the_closest_field():
+    """HF configs store unknown keyword arguments silently: hiden_size=64 used to build a 256-wide model."""
+    for name in list_models():
+        with pytest.raises(ValueError, match=r"unknown config field 'hiden_size' .*did you mean 'hidden_size'"):
+            create_model(name, size="tiny", hiden_size=64)
+    with pytest.raises(ValueError, match="unknown config field 'xyzzy'.*its fields are .*hidden_size"):
+        model_config("gpt", "tiny", xyzzy=1)
+    with pytest.raises(ValueError, match="did you mean 'num_state_vectors'"):
+        count_model_parameters("brect", "tiny", num_state_vector=8)
+    # real fields (of the model's own config class) and the HF token ids still pass
+    assert model_config("brect", "tiny", num_state_vectors=8).num_state_vectors == 8
+    assert model_config("gss-hybrid", "tiny", gss_narrow_size=32, eos_token_id=0).gss_narrow_size == 32
+    assert create_model("bst-sh-s4", "tiny", hidden_size=64, num_attention_heads=2).config.hidden_size == 64
+
+
+def test_saved_configs_with_extra_keys_still_load(tmp_path):
+    """The check sits at the user-facing entry points only: from_pretrained of a saved config is untouched."""
+    from transformers import AutoConfig
+
+    config = model_config("bst-sh-s4", "tiny")
+    config.some_extra_key = 1  # what HF or an older version may have written
+    config.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).some_extra_key == 1

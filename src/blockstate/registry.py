@@ -46,6 +46,8 @@ ignore them; read ``getattr(out, "carry", None)``.
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,10 +137,52 @@ def get_model_entry(name: str) -> ModelEntry:
     return _REGISTRY[key]
 
 
+# Attributes every Hugging Face config understands although no blockstate __init__ names them (token ids, cache)
+HF_FIELDS = frozenset({"pad_token_id", "bos_token_id", "eos_token_id", "use_cache", "output_attentions",
+                       "tie_word_embeddings", "torch_dtype", "dtype", "name_or_path", "registry_name"})
+
+
+@functools.cache
+def known_fields(config_class: type[PretrainedConfig]) -> frozenset[str]:
+    """The config fields ``config_class`` reads: the named parameters of every ``__init__`` in its MRO, the
+    attributes of a default instance, and ``HF_FIELDS``."""
+    names = set(HF_FIELDS)
+    for klass in config_class.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {n for n, p in inspect.signature(init).parameters.items()
+                      if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    try:
+        names |= set(config_class().to_dict())
+    except (TypeError, ValueError):  # a config without defaults: its signatures are enough
+        pass
+    return frozenset(names)
+
+
+def check_overrides(name: str, config_class: type[PretrainedConfig], overrides: dict[str, Any],
+                    where: str = "override") -> None:
+    """ValueError for a key of ``overrides`` that ``config_class`` does not know, with the closest known field.
+
+    Hugging Face configs store unknown keyword arguments silently, so a misspelt override (``hiden_size=64``)
+    would otherwise train the default model and only leave the typo in config.json. Only the user-facing entry
+    points check (this registry, ``--model-arg``, YAML ``model_args``); ``from_pretrained`` of a saved config
+    is left alone, since HF passes it extra keys of its own."""
+    known = known_fields(config_class)
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = (f": did you mean {close[0]!r}?" if close else
+                    f"; its fields are {', '.join(sorted(k for k in known if not k.startswith('_')))}")
+            raise ValueError(f"unknown {where} {key!r} for model {name} ({config_class.__name__} has no such "
+                             f"field){hint}")
+
+
 def model_config(name: str, size: str = "tiny", **overrides: Any) -> PretrainedConfig:
-    """The config of ``name`` at ``size``; keyword overrides (config fields) win over the preset."""
+    """The config of ``name`` at ``size``; keyword overrides (config fields) win over the preset. An override
+    that is not a field of the model's config is a ValueError naming the closest field."""
     entry = get_model_entry(name)
     config = entry.config(size, **overrides)
+    check_overrides(entry.name, type(config), overrides, "config field")
     config.registry_name = entry.name  # saved with the model, so reports can name what they load
     return config
 
@@ -305,7 +349,9 @@ __all__ = [
     "carries_state",
     "count_model_parameters",
     "create_model",
+    "check_overrides",
     "get_model_entry",
+    "known_fields",
     "list_models",
     "map_carry",
     "model_config",

@@ -29,7 +29,7 @@ from blockstate.training.checkpoint import (
     read_json,
     verify,
 )
-from blockstate.training.config import TrainConfig, identity_mismatches
+from blockstate.training.config import TrainConfig, identity_mismatches, resolved_settings
 
 RUN_FILE = "run.json"
 RUN_FILES = (RUN_FILE, "metrics.jsonl", "results.json", "results.md", "loss_curve.png", "loss_by_position.png",
@@ -130,7 +130,8 @@ def resume_config(run_dir: Path, ckpt: Path, explicit: dict[str, Any]) -> tuple[
         raise ValueError(f"checkpoint {ckpt} belongs to another run (run id {state['run_id'][:8]}) than {run_dir} "
                          f"(run id {run['run_id'][:8]}): resume the checkpoint's own run directory")
     saved = TrainConfig.from_dict(read_json(ckpt / CONFIG_FILE), str(ckpt / CONFIG_FILE))
-    bad = identity_mismatches(saved, explicit)
+    model_cfg = read_json(ckpt / "config.json") if (ckpt / "config.json").is_file() else {}
+    bad = identity_mismatches(saved, explicit, resolved_settings(state, model_cfg))
     if bad:
         raise ValueError(f"--resume {run_dir}: {'; '.join(bad)} differ from the saved run: drop them to resume, "
                          "or start a new run with another --output")

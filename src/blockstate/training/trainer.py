@@ -29,12 +29,14 @@ import torch
 
 from blockstate.data import IGNORE_INDEX, DataError, SegmentLoader, build_tokenizer, load_corpus, tokenize_split
 from blockstate.evaluation.evaluate import EvalResult, evaluate, head_documents
+from blockstate.models.modeling_blockstate import enable_gradient_checkpointing
 from blockstate.training import checkpoint as ckpt_io
 from blockstate.training import distributed as D
 from blockstate.training.config import TrainConfig
 from blockstate.training.metrics import MetricsLogger, Progress, format_seconds, plot_loss_curve, truncate_metrics
 from blockstate.training.model_factory import build_model
 from blockstate.training.optim import build_optimizer, describe_groups, group_of_parameters, lr_factor, set_lr
+from blockstate.generation import can_generate, set_token_ids
 from blockstate.training.rundir import (
     RUN_FILE,
     check_fresh,
@@ -42,6 +44,7 @@ from blockstate.training.rundir import (
     check_writable,
     default_output,
     find_resume,
+    publish_model,
     resume_config,
     set_aside_newer,
     start_run,
@@ -67,6 +70,15 @@ def block_label(config: Any) -> str:
 
     size = getattr(config, "block_size", None)
     return "full" if isinstance(size, int) and size >= FULL_ATTENTION else str(size)
+
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove ``dirs`` (deepest first) while they are empty; ``os.rmdir`` never removes a directory with files."""
+    for path in dirs:
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 class TrainingDiverged(ValueError):
@@ -111,6 +123,8 @@ class Trainer:
         else:
             run_dir = Path(self.cfg.output).expanduser()
         run_dir = Path(run_dir)
+        # the directories this start creates: removed again (when still empty) if it fails before _open_run
+        self._new_dirs = [] if not info.is_main else [d for d in (run_dir, *run_dir.parents) if not d.exists()]
         if info.is_main:
             check_writable(run_dir)
             if resume_ckpt is None:
@@ -121,6 +135,7 @@ class Trainer:
         """Mark the directory as this run's, once data and model are known to be good: a start that fails on bad
         input leaves nothing that would block the corrected command."""
         run_id = None
+        self._new_dirs = []  # from here on the directory is the run's, and kept
         if info.is_main:
             if resume_ckpt is None:
                 run_id = start_run(run_dir, self.cfg, self.overwrite)["run_id"]
@@ -162,10 +177,14 @@ class Trainer:
     def run(self) -> TrainResult:
         t_wall = time.perf_counter()
         info = D.init_distributed(self.cfg.parallel, self.cfg.device)
+        self._new_dirs: list[Path] = []
         try:
             result = self._run(info, t_wall)
             D.barrier(info)  # no rank tears the group down while another still talks to it
             return result
+        except BaseException:
+            remove_empty_dirs(self._new_dirs)  # a failed start leaves no empty run directory behind
+            raise
         finally:
             D.shutdown()
 
@@ -192,6 +211,7 @@ class Trainer:
             if value is not None:
                 overrides[key] = value
         model = build_model(cfg.model, cfg.size, **overrides)
+        set_token_ids(model, tokenizer.eos_id)  # saved in config.json / generation_config.json: generate() stops at EOS
         seq_len = cfg.seq_len or int(getattr(model.config, "max_train_length", 0) or 512)
         if train_data.num_tokens < seq_len:
             raise ValueError(f"the train split of {corpus.name} has {train_data.num_tokens:,} tokens, fewer than one "
@@ -204,10 +224,15 @@ class Trainer:
         if cfg.lane_span and not carries_state(model):  # before _open_run: the corrected command must not clash
             raise ValueError(f"--lane-span applies to models that carry state across segments (slide, transformer-xl, "
                              f"brect); {cfg.model} reads shuffled segments: drop --lane-span")
+        if carries_state(model) and cfg.packing:  # before _open_run, like --lane-span
+            raise ValueError(f"{cfg.model} carries state across segments and trains on documents in order "
+                             "(contiguous lanes with reset flags): drop --packing")
         if main:  # weights + two optimiser moments per kept checkpoint, plus the one being written
             check_writable(run_dir, need_bytes=n_params * 4 * 3 * (cfg.keep_checkpoints + 1))
         self._open_run(info, run_dir, resume_ckpt, saved)
         model.to(info.device)
+        if cfg.gradient_checkpointing:  # before the wrapper: each layer is recomputed in the backward
+            enable_gradient_checkpointing(model)
         groups = group_of_parameters(model)
         wrapped = D.wrap_model(model, info)
         optimizer = build_optimizer(model, groups, cfg)
@@ -216,9 +241,6 @@ class Trainer:
         global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
         tokens_per_step = global_batch * seq_len
         stateful = carries_state(model)
-        if stateful and cfg.packing:
-            raise ValueError(f"{cfg.model} carries state across segments and trains on documents in order "
-                             "(contiguous lanes with reset flags): drop --packing")
         loader = SegmentLoader(train_data, seq_len, cfg.batch_size, seed=cfg.seed, rank=info.rank,
                                world_size=info.world_size, packing=cfg.packing, contiguous=stateful,
                                lane_span=cfg.lane_span)
@@ -405,6 +427,8 @@ class Trainer:
             val = validate(valid_head)
             metrics.log("eval", step, val_loss=val.loss, val_bpb=val.bpb, val_ppl=val.ppl, tokens=tokens)
         ckpt_dir = save() if step > 0 else ckpt_dir
+        if main and ckpt_dir is not None:  # the run directory itself becomes the model (from_pretrained(run_dir))
+            publish_model(run_dir, ckpt_dir)
         result = TrainResult(run_dir, ckpt_dir, step, last_loss, tokens, elapsed, interrupted, skipped,
                              validation=val)
         if interrupted:
@@ -437,7 +461,7 @@ class Trainer:
         return result
 
     def _sample(self, wrapped, info: D.DistInfo, ckpt_dir: Path | None, tokenizer, seq_len: int) -> str:
-        from blockstate.evaluation.generate import sample_text
+        from blockstate.generation import SamplingConfig, generate_text
 
         model = D.unwrap(wrapped)
         if info.parallel == "fsdp" and info.enabled:  # sharded weights: read the full model back on this rank
@@ -447,6 +471,10 @@ class Trainer:
         prompt = self.cfg.sample_prompt
         if prompt is None:  # something that suits the built-in corpora; elsewhere start a fresh document
             prompt = {"python-stdlib": "def ", "shakespeare": "ROMEO:"}.get(self.cfg.data, "")
-        return sample_text(model, tokenizer, prompt, self.cfg.sample_tokens, context=seq_len,
-                           temperature=self.cfg.temperature, seed=self.cfg.seed, device=info.device)
+        cfg = SamplingConfig(max_new_tokens=self.cfg.sample_tokens, temperature=max(0.0, self.cfg.temperature),
+                             seed=self.cfg.seed)
+        if not can_generate(model):
+            logger.warning("no sample: %s has no generate() yet", type(model).__name__)
+            return ""
+        return prompt + generate_text(model, tokenizer, prompt, cfg)  # HF generate(), the one generation path
 
