@@ -107,8 +107,6 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--precision", choices=PRECISIONS, default=S,
                    help="auto = bf16 autocast where bf16 is native (GPU, AVX512-BF16/AMX CPUs), else fp32")
-    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=S,
-                   help="recompute each layer's activations in the backward: less memory, same gradients")
 
     g = p.add_argument_group("run")
     g.add_argument("--output", default=S, help="run directory (default runs/<model>-<size>-<data>, numbered)")

@@ -74,7 +74,6 @@ class TrainConfig:
     max_skipped_steps: int = 20
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast where bf16 matmuls are native (CUDA, AVX512-BF16/AMX CPUs)
-    gradient_checkpointing: bool = False  # recompute each layer in the backward: less memory, same gradients
     # run
     device: str = "auto"
     parallel: str = "none"
@@ -96,7 +95,7 @@ class TrainConfig:
                          "eval_tokens", "save_every", "keep_checkpoints", "log_every", "final_eval",
                          "sample_tokens", "sample_prompt", "temperature", "threads", "progress", "cache_dir",
                          "batch_size", "grad_accum",  # batch: only the global batch must match (checked apart)
-                         "max_skipped_steps", "gradient_checkpointing"})  # same gradients either way
+                         "max_skipped_steps"})
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the field, the value and what is allowed; returns self."""
