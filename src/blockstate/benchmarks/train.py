@@ -35,8 +35,10 @@ from typing import Any
 import torch
 
 from blockstate.benchmarks.common import machine, write_json
+from blockstate.benchmarks.flops import mfu, peak_bf16_flops, step_flops
 from blockstate.benchmarks.layers import is_oom, parse_lengths, peak_bytes
 from blockstate.benchmarks.layers import timed as time_one
+from blockstate.benchmarks.train_report import plot, table
 
 DEFAULT_LENGTHS = "1k,4k,16k"
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -96,7 +98,9 @@ def make_step(c: Contestant, batch: dict[str, torch.Tensor], device: torch.devic
     from blockstate.training.steps import autocast_factory, step_nll
 
     autocast = autocast_factory(precision, device)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    # on the device before the timed steps, as a prefetching loader leaves them; the reset flags stay on the host,
+    # where the trainer's step_nll hands them to the model (no host-device sync)
+    batch = {k: v if k == "reset" else v.to(device) for k, v in batch.items()}
     count = max(1, batch["input_ids"].numel() - batch["input_ids"].shape[0])
 
     def step() -> None:
@@ -127,12 +131,14 @@ _cuda_peak.last = 0
 
 def run_grid(names: list[str], lengths: list[int], *, size: str = "tiny", batch: int = 1, steps: int = 3,
              warmup: int = 1, device: torch.device | None = None, precision: str = "auto",
-             time_limit: float | None = CPU_TIME_LIMIT, memory: bool = True,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             time_limit: float | None = CPU_TIME_LIMIT, memory: bool = True, checkpointing: bool = False,
+             flops: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Time every model at every length (models interleaved within a length); then the CPU memory pass."""
     device = device or torch.device("cpu")
     results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     stopped: dict[str, str] = {}
+    flop_counts: dict[tuple[str, int], int] = {}
+    peak_flops, _ = peak_bf16_flops(device)
     offload = device.type == "cuda"
     for length in lengths:
         active = [n for n in names if n not in stopped]
@@ -148,6 +154,8 @@ def run_grid(names: list[str], lengths: list[int], *, size: str = "tiny", batch:
                 visit(c, device)
                 step = make_step(c, make_batch(vocab, batch, length), device, precision)
                 warm[n] = max(time_one(step, device) for _ in range(warmup))
+                if flops:
+                    flop_counts[(n, length)] = step_flops(step)
                 if offload:
                     visit(c, torch.device("cpu"))
                 contestants[n], steps_of[n] = c, step
@@ -184,6 +192,9 @@ def run_grid(names: list[str], lengths: list[int], *, size: str = "tiny", batch:
                                                                    "max": max(t), "warmup": warm[n]},
                    "parameters": c.parameters, "state_mib": state_bytes(c) / 2**20,
                    "peak_mib": peaks[n] / 2**20 if offload else None}
+            if flops:
+                row["flops_per_step"] = flop_counts.get((n, length))
+                row["mfu"] = mfu(row["flops_per_step"], statistics.median(t), peak_flops)
             results[n].append(row)
             slowest = max(statistics.median(t), warm[n])  # a slow warm-up alone also stops it
             if time_limit is not None and slowest > time_limit and n not in stopped:
@@ -204,7 +215,44 @@ def run_grid(names: list[str], lengths: list[int], *, size: str = "tiny", batch:
                            "op after all timings")
         else:
             memory_note = "not measured (--no-memory)"
-    return {"results": results, "stopped": stopped, "memory_note": memory_note}
+    if checkpointing:
+        todo = {n: [r["length"] for r in rows] for n, rows in results.items()}
+        saved = checkpointing_pass(todo, size, batch, precision, device)
+        for n, rows in results.items():
+            for r in rows:
+                peak, seconds = saved[n].get(r["length"], (None, None))
+                r["checkpointed_peak_mib"], r["checkpointed_step_s"] = peak, seconds
+                r["checkpointing_saves_mib"] = (None if peak is None or r.get("peak_mib") is None
+                                                else r["peak_mib"] - peak)
+    return {"results": results, "stopped": stopped, "memory_note": memory_note,
+            "peak_bf16_flops": peak_flops if flops else None}
+
+
+def checkpointing_pass(todo: dict[str, list[int]], size: str, batch: int, precision: str, device: torch.device
+                       ) -> dict[str, dict[int, tuple[float | None, float | None]]]:
+    """Peak extra MiB and seconds of one step with gradient checkpointing on (after a warm-up step), measured as
+    the plain step's peak is (CUDA allocator / live tensor storage), per model and length."""
+    from blockstate.models.modeling_blockstate import enable_gradient_checkpointing
+
+    out: dict[str, dict[int, tuple[float | None, float | None]]] = {}
+    for n, lengths in todo.items():
+        out[n] = {}
+        for length in lengths:
+            c = build(n, size, length)
+            enable_gradient_checkpointing(c.model)
+            visit(c, device)
+            step = make_step(c, make_batch(int(c.model.config.vocab_size), batch, length), device, precision)
+            try:
+                seconds = time_one(step, device)  # also the warm-up: optimiser moments are state
+                peak = peak_bytes(step, device)
+                out[n][length] = (None if peak is None else peak / 2**20, seconds)
+            except RuntimeError as exc:
+                if not is_oom(exc):
+                    raise
+                out[n][length] = (None, None)
+            del c, step
+            _release(device)
+    return out
 
 
 def memory_pass(todo: dict[str, list[int]], size: str, batch: int, precision: str, threads: int
@@ -237,77 +285,6 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-# -- reporting ---------------------------------------------------------------------------------------------------
-def _k(x: float) -> str:
-    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
-
-
-def table(payload: dict[str, Any]) -> str:
-    m = payload["machine"]
-    lengths = payload["lengths"]
-    head = (f"# training tokens/s (forward + backward + clip + AdamW step), size={payload['size']}, batch "
-            f"{payload['batch_size']}, precision {payload['precision']}, {m['device']}, torch {m['torch']}, "
-            f"{m['threads']} threads, OMP_WAIT_POLICY {m.get('omp_wait_policy', '?')}, load "
-            f"{m.get('load_1min_at_start', '?')} at start\n"
-            f"# median of {payload['steps']} timed steps after {payload['warmup']} warm-up (min-max); wall-clock on "
-            f"{'a shared machine: noisy' if payload['device'] == 'cpu' else payload['device']}")
-    lines = [head, "", f"| model | parameters at {lengths[0]:,} | " + " | ".join(f"{n:,}" for n in lengths) + " |",
-             "|---|---|" + "---|" * len(lengths)]
-    mem = ["", f"peak step memory, MiB ({payload['memory_note']}); state = parameters + AdamW moments", "",
-           "| model | state | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
-    for name, rows in payload["results"].items():
-        by_length = {r["length"]: r for r in rows}
-        cells, mcells = [], []
-        for n in lengths:
-            r = by_length.get(n)
-            if r is None:
-                cells.append("stopped" if name in payload["stopped"] else "-")
-                mcells.append("-")
-                continue
-            cells.append(f"{_k(r['tokens_per_s'])} ({_k(r['tokens_per_s_min'])}-{_k(r['tokens_per_s_max'])})")
-            mcells.append("-" if r.get("peak_mib") is None else f"{r['peak_mib']:,.0f}")
-        params = rows[0]["parameters"] if rows else payload["parameters"].get(name, 0)
-        state = f"{rows[0]['state_mib']:,.0f}" if rows else "-"
-        lines.append(f"| {name} | {params / 1e6:.2f}M | " + " | ".join(cells) + " |")
-        mem.append(f"| {name} | {state} | " + " | ".join(mcells) + " |")
-    notes = [f"{n}: stopped: {why}" for n, why in payload["stopped"].items()]
-    notes += ["parameters: the explicit kernels have one tap per position, so they grow with the length"] if any(
-        "explicit" in n for n in payload["results"]) else []
-    return "\n".join(lines + mem + ([""] + notes if notes else []))
-
-
-def plot(payload: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (name, rows) in enumerate(payload["results"].items()):
-        if not rows:
-            continue
-        style = "-" if name.startswith("bst-") else "--"
-        x = [r["length"] for r in rows]
-        y = [r["tokens_per_s"] for r in rows]
-        err = [[r["tokens_per_s"] - r["tokens_per_s_min"] for r in rows],
-               [r["tokens_per_s_max"] - r["tokens_per_s"] for r in rows]]
-        ax.errorbar(x, y, yerr=err, marker="o", linestyle=style, capsize=3, label=name,
-                    color=plt.cm.tab20(i % 20))
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("training tokens / s (median, min-max)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    m = payload["machine"]
-    where = "wall-clock on a shared machine" if payload["device"] == "cpu" else payload["device"]
-    ax.set_title(f"training step throughput, size={payload['size']}, batch {payload['batch_size']}, "
-                 f"{payload['precision']}\n{m['device']} ({where})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # -- command line ------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="all", help="comma-separated registered names, or all (default)")
@@ -324,6 +301,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory pass")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="also measure each point with gradient checkpointing: peak memory saved, step time")
+    p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=None,
+                   help="count model FLOPs per step and report MFU against the GPU's bf16 peak (default: on CUDA)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                    help="directory for train.json / train.png (train-gpu.* on CUDA; default %(default)s)")
     p.add_argument("--report", type=Path, default=None, metavar="JSON",
@@ -389,7 +370,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{', '.join(names)}")
     grid = run_grid(names, lengths, size=args.size, batch=args.batch_size, steps=args.steps,
                     warmup=max(1, args.warmup), device=device, precision=args.precision, time_limit=limit,
-                    memory=not args.no_memory)
+                    memory=not args.no_memory, checkpointing=args.checkpointing,
+                    flops=args.flops if args.flops is not None else device.type == "cuda")
     from blockstate.training.steps import use_bf16
 
     precision = f"{args.precision} ({'bf16 autocast' if use_bf16(args.precision, device) else 'fp32'})"

@@ -36,6 +36,7 @@ from blockstate.models.modeling_blockstate import (
     causal_lm_loss,
     check_attention_mask,
     check_input_ids,
+    run_layer,
 )
 from blockstate.models.stateful import SegmentCarry, SegmentLMOutput, SegmentStateMixin, right_padding_only
 
@@ -76,11 +77,11 @@ class BlockTransformerForCausalLM(SegmentStateMixin, BlockStateForCausalLM):
             past = None if carry is None else (carry.keys[i], carry.values[i])
             if isinstance(layer, BlockRecurrentLayer):
                 state = None if carry is None else carry.states[recurrent]
-                x, state, (k, v) = layer(x, state, past)
+                x, state, (k, v) = run_layer(self.model, layer.__call__, x, state, past)
                 states.append(state)
                 recurrent += 1
             else:
-                x, (k, v) = carry_block_layer(layer, x, past)
+                x, (k, v) = run_layer(self.model, carry_block_layer, layer, x, past)
             keys.append(k)
             values.append(v)
         logits = self.lm_head(self.model.norm(x)).float()

@@ -28,7 +28,7 @@ class BlockStatePreTrainedModel(PreTrainedModel):
     config_class = BlockStateConfig
     config: BlockStateConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # every layer loop goes through run_layer
     _no_split_modules = ["BSTLayer", "BlockTransformerLayer"]
     # from_pretrained(dtype=bf16 / fp16) loads the SSM parameters (every module named ``ssm``) in fp32, as
     # ``model.to(dtype)`` keeps them (LongConvSSM._apply): the kernels lose their long tails in half precision
@@ -72,6 +72,8 @@ class TokenEmbeddingAccessors:
 class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
     """The stack without the LM head: returns the final normed hidden states (B, L, D)."""
 
+    gradient_checkpointing = False  # gradient_checkpointing_enable() sets it (on the instance) for run_layer
+
     def __init__(self, config: BlockStateConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -106,7 +108,10 @@ class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
                                  "every row; decode token by token otherwise")
         x = self.dropout(inputs_embeds)
         for i, layer in enumerate(self.layers):
-            x = layer(x, None if cache is None else cache.layers[i], lengths, start)
+            if cache is None:
+                x = run_layer(self, layer.__call__, x, None, lengths, start)
+            else:  # a prefill keeps no graph: nothing to checkpoint
+                x = layer(x, cache.layers[i], lengths, start)
         if cache is not None:
             cache.position = start + lengths
         return BaseModelOutput(last_hidden_state=self.norm(x))
@@ -124,6 +129,27 @@ class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
             x = layer.step(x, layer_cache, cache.position)
         cache.position = cache.position + 1
         return self.norm(x)
+
+
+def run_layer(owner: nn.Module, fn, *args):
+    """``fn(*args)`` (one layer), through the Hugging Face checkpoint function when ``owner`` (the module that
+    holds the layer loop) has gradient checkpointing on and trains: the layer's activations are recomputed in the
+    backward instead of kept, so memory grows with one layer's activations, not the stack's."""
+    if getattr(owner, "gradient_checkpointing", False) and owner.training and torch.is_grad_enabled():
+        return owner._gradient_checkpointing_func(fn, *args)
+    return fn(*args)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """``model.gradient_checkpointing_enable()`` (non-reentrant) on any model here, through DDP / FSDP wrappers;
+    newer transformers name it ``activation_checkpointing_enable`` and warn on the old name."""
+    inner = getattr(model, "module", model)
+    enable = getattr(inner, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def build_layer(config: BlockStateConfig, index: int) -> nn.Module:
