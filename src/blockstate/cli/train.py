@@ -46,7 +46,7 @@ def _model_arg(text: str) -> tuple[str, Any]:
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
     from blockstate.training.config import DEFAULT_TOKENS, OPTIMIZERS, PRECISIONS, SCHEDULES
-    from blockstate.training.model_factory import MODEL_NAMES
+    from blockstate.training.model_factory import known_models
 
     p = sub.add_parser(name, help="train a language model (default: tiny BST on python-stdlib, ~10 min on CPU)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log data loading details")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=S, help=f"model name: {', '.join(MODEL_NAMES)} (default bst-sh-s4)")
+    g.add_argument("--model", default=S, help=f"model name: {', '.join(known_models())} (default bst-sh-s4; "
+                                              "blockstate models lists them with their sizes)")
     g.add_argument("--size", default=S, help="preset size: tiny, small, paper (default tiny)")
     g.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, default=S, metavar="K=V",
                    help="override a model-config field (repeatable), e.g. num_hidden_layers=6")
@@ -165,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     file_values, flags = explicit_settings(args)
     explicit = {**file_values, **flags}
     cfg = merge(file_values, flags)
+    if args.resume is None:  # fail in a second, before the data is read and the run directory is made
+        check_model_settings(cfg, file_values, flags, args.config)
     resume = args.resume
     if resume is True:
         if cfg.output is None:
@@ -177,6 +180,23 @@ def run(args: argparse.Namespace) -> int:
         return 130 if result.interrupted == "SIGINT" else 143
     print(summary(result))
     return 0
+
+
+def check_model_settings(cfg: Any, file_values: dict[str, Any], flags: dict[str, Any], config: str | None) -> None:
+    """--model, --size and every model-config override, checked against the registry: a misspelt
+    ``--model-arg hiden_size=64`` would otherwise be stored in config.json and train the default width."""
+    from blockstate.registry import check_overrides, get_model_entry, model_config
+
+    try:
+        entry = get_model_entry(cfg.model)
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}") from None
+    config_class = type(model_config(entry.name, cfg.size))  # ValueError naming the sizes for a bad --size
+    from_file = file_values.get("model_args") or {}
+    if not isinstance(from_file, dict):
+        raise ValueError(f"{config}: model_args must be a mapping of model-config fields, got {from_file!r}")
+    check_overrides(entry.name, config_class, from_file, f"model_args key in {config}")
+    check_overrides(entry.name, config_class, dict(flags.get("model_args") or {}), "--model-arg")
 
 
 def summary(result: Any) -> str:

@@ -250,13 +250,25 @@ def merge(file_values: dict[str, Any], flag_values: dict[str, Any], base: TrainC
     return TrainConfig(**values).validate()
 
 
-def identity_mismatches(saved: TrainConfig, explicit: dict[str, Any]) -> list[str]:
-    """Explicitly given identity settings that differ from the saved run's (for --resume)."""
+def resolved_settings(state: dict[str, Any], model_config: dict[str, Any]) -> dict[str, Any]:
+    """What a run really used for the settings saved as None (= the preset's value), from its checkpoint's
+    trainer state and model config.json: so that --resume names 512, not None, and accepts an explicit 512."""
+    values = {"seq_len": state.get("seq_len") or model_config.get("max_train_length"),
+              "block_size": model_config.get("block_size"), "dropout": model_config.get("hidden_dropout")}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def identity_mismatches(saved: TrainConfig, explicit: dict[str, Any],
+                        resolved: dict[str, Any] | None = None) -> list[str]:
+    """Explicitly given identity settings that differ from the saved run's (for --resume); ``resolved``
+    (:func:`resolved_settings`) stands in for saved values that are None."""
     bad = []
     for name, value in explicit.items():
         if name in TrainConfig.MUTABLE:
             continue
         old = getattr(saved, name)
+        if old is None and resolved and name in resolved:
+            old = resolved[name]
         if isinstance(value, dict) and isinstance(old, dict):  # model_args: name the differing keys
             keys = sorted(k for k in set(value) | set(old) if _norm(value.get(k)) != _norm(old.get(k)))
             bad += [f"--model-arg {k}={value.get(k)!r} (the run used {k}={old.get(k)!r})" for k in keys]

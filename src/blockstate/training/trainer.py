@@ -70,6 +70,15 @@ def block_label(config: Any) -> str:
     return "full" if isinstance(size, int) and size >= FULL_ATTENTION else str(size)
 
 
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove ``dirs`` (deepest first) while they are empty; ``os.rmdir`` never removes a directory with files."""
+    for path in dirs:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
 class TrainingDiverged(ValueError):
     """Too many consecutive steps with a non-finite loss or gradient (``max_skipped_steps``)."""
 
@@ -112,6 +121,8 @@ class Trainer:
         else:
             run_dir = Path(self.cfg.output).expanduser()
         run_dir = Path(run_dir)
+        # the directories this start creates: removed again (when still empty) if it fails before _open_run
+        self._new_dirs = [] if not info.is_main else [d for d in (run_dir, *run_dir.parents) if not d.exists()]
         if info.is_main:
             check_writable(run_dir)
             if resume_ckpt is None:
@@ -122,6 +133,7 @@ class Trainer:
         """Mark the directory as this run's, once data and model are known to be good: a start that fails on bad
         input leaves nothing that would block the corrected command."""
         run_id = None
+        self._new_dirs = []  # from here on the directory is the run's, and kept
         if info.is_main:
             if resume_ckpt is None:
                 run_id = start_run(run_dir, self.cfg, self.overwrite)["run_id"]
@@ -163,10 +175,14 @@ class Trainer:
     def run(self) -> TrainResult:
         t_wall = time.perf_counter()
         info = D.init_distributed(self.cfg.parallel, self.cfg.device)
+        self._new_dirs: list[Path] = []
         try:
             result = self._run(info, t_wall)
             D.barrier(info)  # no rank tears the group down while another still talks to it
             return result
+        except BaseException:
+            remove_empty_dirs(self._new_dirs)  # a failed start leaves no empty run directory behind
+            raise
         finally:
             D.shutdown()
 
@@ -205,6 +221,9 @@ class Trainer:
         if cfg.lane_span and not carries_state(model):  # before _open_run: the corrected command must not clash
             raise ValueError(f"--lane-span applies to models that carry state across segments (slide, transformer-xl, "
                              f"brect); {cfg.model} reads shuffled segments: drop --lane-span")
+        if carries_state(model) and cfg.packing:  # before _open_run, like --lane-span
+            raise ValueError(f"{cfg.model} carries state across segments and trains on documents in order "
+                             "(contiguous lanes with reset flags): drop --packing")
         if main:  # weights + two optimiser moments per kept checkpoint, plus the one being written
             check_writable(run_dir, need_bytes=n_params * 4 * 3 * (cfg.keep_checkpoints + 1))
         self._open_run(info, run_dir, resume_ckpt, saved)
@@ -219,9 +238,6 @@ class Trainer:
         global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
         tokens_per_step = global_batch * seq_len
         stateful = carries_state(model)
-        if stateful and cfg.packing:
-            raise ValueError(f"{cfg.model} carries state across segments and trains on documents in order "
-                             "(contiguous lanes with reset flags): drop --packing")
         loader = SegmentLoader(train_data, seq_len, cfg.batch_size, seed=cfg.seed, rank=info.rank,
                                world_size=info.world_size, packing=cfg.packing, contiguous=stateful,
                                lane_span=cfg.lane_span)
