@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from blockstate.cli.quiet_interrupts import INTERRUPTED
+
 # subcommand name -> module (in blockstate.cli) defining register(subparsers) and run(args)
 SUBCOMMANDS = {
     "presets": "blockstate.cli.presets",
@@ -132,8 +134,12 @@ def _silence_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (``--help`` returns 0, usage errors 2)."""
-    parser = build_parser()
+    """Run the command line; returns the exit code (``--help`` returns 0, usage errors 2, Ctrl-C 130)."""
+    try:
+        parser = build_parser()  # imports every subcommand's module: Ctrl-C here is one line too
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     try:
         args, extra = parser.parse_known_args(argv)
         leaf, path = chosen_parser(parser, args)
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except BrokenPipeError:  # `blockstate generate ... | head`: the reader left; not an error worth a line
         _silence_stdout()
