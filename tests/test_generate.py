@@ -53,36 +53,68 @@ def test_sampling_options_and_eos(model):
     assert stopped.shape[1] == 7  # stops right after emitting EOS
 
 
-def test_stream_ids_greedy_equals_generate_and_fallback(model):
-    from blockstate.generation import SamplingConfig, stream_ids
+def test_generate_text_is_hf_generate_streamed(model):
+    """The one generation path: generate_text = HF generate() after an EOS, streamed piece by piece."""
+    from blockstate.data import BytesTokenizer
+    from blockstate.generation import SamplingConfig, generate_text
 
-    prompt = torch.randint(1, 61, (9,)).tolist()
+    class Small(BytesTokenizer):  # the test model has 61 ids: "bytes" 0-59, EOS 60
+        vocab_size, eos_id = 61, 60
+
+        def decode(self, ids):
+            return super().decode(i for i in ids if i != 60)
+
+    tok = Small()
+    pieces: list[str] = []
     cfg = SamplingConfig(max_new_tokens=12, temperature=0)
-    streamed = list(stream_ids(model, prompt, cfg))
-    hf = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert streamed == hf[0, 9:].tolist()
-
-    class NoCache(torch.nn.Module):  # any causal LM without a streaming cache: parallel fallback
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, ids):
-            return self.inner(ids)
-
-    assert list(stream_ids(NoCache(model), prompt, cfg)) == streamed
+    text = generate_text(model, tok, "!#$", cfg, write=pieces.append)
+    hf = model.generate(torch.tensor([[60, 33, 35, 36]]), max_new_tokens=12, do_sample=False, eos_token_id=60,
+                        pad_token_id=60)
+    new = [i for i in hf[0, 4:].tolist() if i != 60]
+    assert text == "".join(pieces) == tok.decode(new)
+    sampled = [generate_text(model, tok, "!", SamplingConfig(max_new_tokens=10, seed=s)) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # seeded
+    state = torch.get_rng_state()
+    generate_text(model, tok, "!", SamplingConfig(max_new_tokens=5, seed=3))
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG stream is untouched
 
 
-def test_sampling_filters():
-    from blockstate.generation import SamplingConfig, next_token
+def test_generate_stops_at_the_configured_eos(model):
+    from blockstate.generation import SamplingConfig, generate_ids, set_token_ids
 
-    logits = torch.tensor([0.0, 5.0, 4.9, -1.0])
-    gen = torch.Generator().manual_seed(0)
-    picks = {next_token(logits, torch.tensor([], dtype=torch.long), SamplingConfig(top_k=2), gen) for _ in range(50)}
-    assert picks == {1, 2}
-    picks = {next_token(logits, torch.tensor([], dtype=torch.long), SamplingConfig(top_p=0.1), gen) for _ in range(20)}
-    assert picks == {1}
-    greedy = SamplingConfig(temperature=0, repetition_penalty=2.0)
-    assert next_token(logits, torch.tensor([1]), greedy, gen) == 2  # 5.0 / 2 < 4.9
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingConfig(top_p=1.5).validate()
+    ids = torch.randint(1, 61, (1, 6))
+    first = model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1].item()
+    set_token_ids(model, first)
+    try:
+        assert model.config.eos_token_id == model.generation_config.eos_token_id == first
+        assert model.generate(ids, max_new_tokens=8, do_sample=False).shape[1] == 7  # no eos_token_id passed
+        assert generate_ids(model, ids[0].tolist(), SamplingConfig(max_new_tokens=8, temperature=0), first) == []
+    finally:
+        set_token_ids(model, 0)
+
+
+def test_utf8_streamer_holds_back_partial_characters():
+    from blockstate.data import BytesTokenizer
+    from blockstate.generation import Utf8Streamer
+
+    pieces: list[str] = []
+    streamer = Utf8Streamer(BytesTokenizer().decode, pieces.append)
+    streamer.put(torch.tensor([[256, 100]]))  # the prompt: skipped
+    for b in "é🙂a".encode():
+        streamer.put(torch.tensor([b]))
+    streamer.put(torch.tensor([0xFF]))  # an invalid byte: shown (as U+FFFD) when generation ends
+    streamer.end()
+    assert pieces == ["é", "🙂", "a", "\ufffd"]
+
+
+def test_sampling_config_checks_values():
+    from blockstate.generation import SamplingConfig
+
+    for bad, flag in [(dict(top_p=1.5), "--top-p"), (dict(temperature=-1), "--temperature"),
+                      (dict(top_k=-1), "--top-k"), (dict(repetition_penalty=0), "--repetition-penalty")]:
+        with pytest.raises(ValueError, match=flag):
+            SamplingConfig(**bad).validate()
+    greedy = SamplingConfig(temperature=0).generation_config(5)
+    assert greedy.do_sample is False and greedy.eos_token_id == 5
+    sampled = SamplingConfig(top_k=None).generation_config(5)
+    assert sampled.do_sample and sampled.top_k == 0 and sampled.top_p == 1.0  # no model default leaks in

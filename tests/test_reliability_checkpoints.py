@@ -70,7 +70,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(trained):
     manifest = json.loads((ckpt / MANIFEST).read_text())
     on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST}
     assert set(manifest["files"]) == on_disk  # written last: it covers the tokenizer and the trainer state too
-    assert {"model.safetensors", "optimizer.safetensors", "trainer_state.json", "tokenizer/blockstate_tokenizer.json"
+    assert {"model.safetensors", "optimizer.safetensors", "trainer_state.json", "tokenizer_config.json"
             } <= on_disk
     for rel, entry in manifest["files"].items():
         assert entry["size"] == (ckpt / rel).stat().st_size and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])

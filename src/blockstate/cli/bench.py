@@ -14,7 +14,11 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     layers.add_arguments(lp)
     lp.set_defaults(run=run_layers)
 
-    g = kinds.add_parser("generate", help="per-token generation latency and cache memory vs context length")
+    g = kinds.add_parser("generate", help="per-token generation latency and cache memory vs context length",
+                         description="Per-token decoding latency (median of timed runs) and streaming-cache memory "
+                         "after a prefill of each --contexts length, every model interleaved in one run; writes "
+                         "benchmarks/results/generation.{json,png}.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     generation.add_arguments(g)
     g.set_defaults(run=run_generate)
 

@@ -7,7 +7,9 @@ import json
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    p = sub.add_parser(name, help="list model presets with their parameter counts")
+    p = sub.add_parser(name, help="list model presets with their parameter counts",
+                       description="List the parameter count of every preset size x BST variant x kernel.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", action="append", help="only these sizes (repeatable); default: all")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)

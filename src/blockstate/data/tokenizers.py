@@ -2,9 +2,14 @@
 
 Every tokenizer has ``encode(text_or_bytes) -> list[int]``, ``encode_batch`` (numpy arrays, the fast path
 used to build token caches), ``decode(ids) -> str``, ``vocab_size``, ``eos_id`` (the document separator,
-never produced by ``encode``), ``fingerprint`` (a cache key) and ``save(dir)``; :func:`load_tokenizer` reads
-any saved one back.  A saved tokenizer is ``blockstate_tokenizer.json`` plus the tokenizer's own file
-(``tokenizer.json`` / ``spm.model``): no pickle.
+never produced by ``encode``), ``fingerprint`` (a cache key), ``to_hf()`` (the same tokenizer as a
+``transformers`` tokenizer) and ``save(dir)``; :func:`load_tokenizer` reads any saved one back.
+
+A saved tokenizer is what ``to_hf().save_pretrained(dir)`` writes, and nothing else: ``tokenizer_config.json``
+(its ``tokenizer_class`` says which tokenizer it is) plus ``tokenizer.json`` (BPE) or ``spm.model``
+(SentencePiece); ``AutoTokenizer.from_pretrained(dir)`` loads it after ``import blockstate`` and encodes as
+training did (with the separator first: ``[EOS] + encode(text)``). Directories written before (a
+``blockstate_tokenizer.json``) still load. No pickle anywhere.
 
 Bits per byte never depends on the tokenizer: the byte count of a document is its raw UTF-8 length
 (``Tokenizer.num_bytes``), kept per document by the token cache (``TokenizedSplit.doc_bytes``).
@@ -25,9 +30,11 @@ import numpy as np
 
 from .common import DataError, default_cache_dir, logger, make_tmp_dir, publish_dir, stable_hash
 
-CONFIG_NAME = "blockstate_tokenizer.json"
+CONFIG_NAME = "blockstate_tokenizer.json"  # the format before transformers' files (read, never written)
+HF_CONFIG = "tokenizer_config.json"
 EOS_TOKEN = "<|endoftext|>"
-KNOWN = "bytes, bpe (or bpe:<vocab size>), a SentencePiece .model file or a directory saved by Tokenizer.save"
+KNOWN = ("bytes, bpe (or bpe:<vocab size>), a SentencePiece .model file or a tokenizer directory (a run directory, "
+         "or one written by Tokenizer.save / save_pretrained)")
 
 
 def _text(data: str | bytes) -> str:
@@ -65,13 +72,24 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
-    def _write_config(self, directory: Path, **extra: Any) -> None:
-        cfg = {"format": "blockstate-tokenizer", "version": 1, "type": self.kind,
-               "vocab_size": self.vocab_size, "eos_id": self.eos_id, **extra}
-        (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    def to_hf(self) -> Any:
+        """This tokenizer as a ``transformers`` tokenizer (``PreTrainedTokenizerFast`` or a subclass of
+        ``PreTrainedTokenizer``): same ids, EOS / BOS / PAD = the separator, prepended by ``tok(text)``."""
+        raise NotImplementedError
 
     def save(self, directory: str | Path) -> Path:
-        raise NotImplementedError
+        """Write ``tokenizer_config.json`` and the tokenizer's own file into ``directory`` (``save_pretrained``)."""
+        from transformers.utils import logging as hf_logging
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.to_hf().save_pretrained(str(directory))
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        return directory
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -96,28 +114,36 @@ class BytesTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in (int(i) for i in ids) if 0 <= i < 256).decode("utf-8", errors="replace")
 
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self._write_config(directory)
-        return directory
+    def to_hf(self) -> Any:
+        from .hf_tokenizers import BlockStateBytesTokenizer
+
+        return BlockStateBytesTokenizer()
 
 
 class HFTokenizer(Tokenizer):
-    """A ``tokenizers.Tokenizer`` (our byte-level BPE): EOS is the special token ``<|endoftext|>``.
+    """A ``tokenizers.Tokenizer`` (our byte-level BPE, or any ``tokenizer.json``): EOS is the special token
+    ``eos_token`` (``<|endoftext|>`` for ours).
 
     ``encode_special_tokens`` is on, so a literal ``<|endoftext|>`` in a document is encoded as text and can
-    never pose as a document boundary.
+    never pose as a document boundary. The post-processor that ``to_hf`` adds (the separator first) is not
+    part of the fingerprint, so a tokenizer read back from its saved ``tokenizer.json`` is the same one.
     """
 
     kind = "bpe"
 
-    def __init__(self, tok: Any):
+    def __init__(self, tok: Any, eos_token: str = EOS_TOKEN):
+        from tokenizers import Tokenizer as HFTok
+
+        tok = HFTok.from_str(tok.to_str())  # our own copy: the caller's object is not changed
+        tok.post_processor = None
+        tok.no_padding()
+        tok.no_truncation()
         self.tok = tok
         tok.encode_special_tokens = True
-        eos = tok.token_to_id(EOS_TOKEN)
+        eos = tok.token_to_id(eos_token)
         if eos is None:
-            raise DataError(f"tokenizer has no {EOS_TOKEN} token: train it with build_tokenizer('bpe', ...)")
+            raise DataError(f"tokenizer has no {eos_token} token: train it with build_tokenizer('bpe', ...)")
+        self.eos_token = eos_token
         self.eos_id = eos
         self.vocab_size = tok.get_vocab_size()
         self._fp = hashlib.sha1(tok.to_str().encode()).hexdigest()
@@ -133,12 +159,17 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.tok.save(str(directory / "tokenizer.json"))
-        self._write_config(directory, file="tokenizer.json")
-        return directory
+    def to_hf(self) -> Any:
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import processors
+        from transformers import PreTrainedTokenizerFast
+
+        tok = HFTok.from_str(self.tok.to_str())
+        eos = self.eos_token
+        tok.post_processor = processors.TemplateProcessing(single=f"{eos} $A", pair=f"{eos} $A {eos} $B",
+                                                           special_tokens=[(eos, self.eos_id)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos,
+                                       split_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def _sentencepiece() -> Any:
@@ -182,12 +213,10 @@ class SentencePieceTokenizer(Tokenizer):
         n = self.sp.get_piece_size()
         return self.sp.decode([int(i) for i in ids if int(i) != self.eos_id and 0 <= int(i) < n])
 
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "spm.model").write_bytes(self._proto)
-        self._write_config(directory, file="spm.model")
-        return directory
+    def to_hf(self) -> Any:
+        from .hf_tokenizers import BlockStateSentencePieceTokenizer
+
+        return BlockStateSentencePieceTokenizer(str(self.model_file))
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
@@ -237,30 +266,57 @@ def _short_runs(text: str) -> Iterator[str]:
         yield text[pos:]
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Load a tokenizer written by ``Tokenizer.save``."""
+def is_tokenizer_dir(directory: str | Path) -> bool:
+    """A directory holding a saved tokenizer (transformers' files, or the format before them)."""
     directory = Path(directory)
-    cfg_path = directory / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise DataError(f"{directory} is not a saved tokenizer (no {CONFIG_NAME}): save one with "
-                        "tokenizer.save(dir)")
+    return (directory / HF_CONFIG).is_file() or (directory / CONFIG_NAME).is_file() or (
+        directory / "tokenizer.json").is_file()
+
+
+def _token_text(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load a tokenizer from the files ``Tokenizer.save`` / ``save_pretrained`` wrote (the same files
+    ``AutoTokenizer`` reads), or from a directory written before them (``blockstate_tokenizer.json``)."""
+    directory = Path(directory)
+    if not is_tokenizer_dir(directory):
+        raise DataError(f"{directory} is not a saved tokenizer (no {HF_CONFIG}): save one with tokenizer.save(dir), "
+                        "or pass --tokenizer")
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        kind = cfg.get("type")
-        if kind == "bytes":
-            return BytesTokenizer()
-        if kind == "bpe":
+        if (directory / HF_CONFIG).is_file():
+            cfg = json.loads((directory / HF_CONFIG).read_text(encoding="utf-8"))
+            cls = str(cfg.get("tokenizer_class") or "")
+            if cls == "BlockStateBytesTokenizer":
+                return BytesTokenizer()
+            if cls == "BlockStateSentencePieceTokenizer":
+                return SentencePieceTokenizer(directory / "spm.model")
+            if not (directory / "tokenizer.json").is_file():
+                raise DataError(f"{directory / HF_CONFIG} names tokenizer class {cls!r} and there is no "
+                                "tokenizer.json: blockstate reads its own tokenizers and any tokenizer.json")
             from tokenizers import Tokenizer as HFTok
-            return HFTokenizer(HFTok.from_file(str(directory / cfg["file"])))
-        if kind == "sentencepiece":
-            return SentencePieceTokenizer(directory / cfg["file"])
+            return HFTokenizer(HFTok.from_file(str(directory / "tokenizer.json")),
+                               _token_text(cfg.get("eos_token")) or EOS_TOKEN)
+        if (directory / CONFIG_NAME).is_file():  # written before transformers' files (format version 1)
+            cfg = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+            kind = cfg.get("type")
+            if kind == "bytes":
+                return BytesTokenizer()
+            if kind == "bpe":
+                from tokenizers import Tokenizer as HFTok
+                return HFTokenizer(HFTok.from_file(str(directory / cfg["file"])))
+            if kind == "sentencepiece":
+                return SentencePieceTokenizer(directory / cfg["file"])
+            raise DataError(f"{directory / CONFIG_NAME} names an unknown tokenizer type {kind!r}: known types are "
+                            "bytes, bpe, sentencepiece")
+        from tokenizers import Tokenizer as HFTok  # a bare tokenizer.json
+        return HFTokenizer(HFTok.from_file(str(directory / "tokenizer.json")))
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - JSON, tokenizers and sentencepiece parse errors alike
         raise DataError(f"the tokenizer saved in {directory} is damaged ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''}): save it again") from None
-    raise DataError(f"{cfg_path} names an unknown tokenizer type {kind!r}: known types are bytes, bpe, "
-                    "sentencepiece")
 
 
 def build_tokenizer(name_or_path: str | Path, corpus: Any = None, *, vocab_size: int = 8192,
@@ -287,7 +343,7 @@ def build_tokenizer(name_or_path: str | Path, corpus: Any = None, *, vocab_size:
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".model":
         return SentencePieceTokenizer(path)
-    if path.is_dir() and (path / CONFIG_NAME).is_file():
+    if path.is_dir() and is_tokenizer_dir(path):
         return load_tokenizer(path)
     if path.suffix == ".model" or path.exists():
         problem = "is not usable" if path.exists() else "does not exist"
@@ -300,7 +356,7 @@ def _cached_bpe(corpus: Any, vocab_size: int, cache_dir: Path, sample_bytes: int
 
     key = stable_hash("bpe-v2", corpus.fingerprint, vocab_size, sample_bytes, tokenizers.__version__)[:16]
     final = cache_dir / "tokenizers" / f"bpe{vocab_size}-{key}"
-    if (final / CONFIG_NAME).is_file():
+    if is_tokenizer_dir(final):
         logger.info("using cached BPE tokenizer %s", final)
         return load_tokenizer(final)
     t0 = time.perf_counter()

@@ -1,13 +1,15 @@
 """``blockstate eval``'s work: load checkpoints, evaluate each at every length, write the report.
 
-A checkpoint is a run directory (its newest checkpoint is used), a ``checkpoints/step-*`` directory, or any
-``save_pretrained`` directory (then ``--tokenizer`` and ``--data`` must be given). Lengths are token counts or
-multiples of the model's training length (``4x``).
+A checkpoint is a run directory (its newest checkpoint is used; without checkpoints, the model published at its
+root), a ``checkpoints/step-*`` directory, or any ``save_pretrained`` directory (its tokenizer files are used when
+there are some; a 257-id model is a bytes model; ``--data`` must be given when no ``train_config.json`` says it).
+Lengths are token counts or multiples of the model's training length (``4x``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import torch
 
 from blockstate.evaluation.evaluate import EvalResult, evaluate
 from blockstate.evaluation.report import format_results, write_report
-from blockstate.training.checkpoint import CONFIG_FILE, read_json, resolve_checkpoint, verify
+from blockstate.training.checkpoint import CONFIG_FILE, read_json, resolve_checkpoint, tokenizer_dir, verify
 
 DEFAULT_LENGTHS = "1x,4x,16x"
 
@@ -61,23 +63,18 @@ def parse_lengths(spec: str, train_length: int | None) -> list[int]:
 
 def load_checkpoint(path: str | Path, tokenizer: str | None = None, device: torch.device | str = "cpu",
                     cache_dir: str | None = None, data: str | None = None) -> LoadedModel:
-    """Model (``from_pretrained``) + tokenizer of a checkpoint; an explicit ``tokenizer`` must fit the model."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
+    """Model (``from_pretrained``) + tokenizer of a run, checkpoint or ``save_pretrained`` directory; an explicit
+    ``tokenizer`` must fit the model. Every problem found in the directory is one ValueError line."""
     import blockstate  # noqa: F401 - registers the Auto classes
     from blockstate.data import build_tokenizer, load_corpus, load_tokenizer
+    from blockstate.generation import set_token_ids
+    from blockstate.training.rundir import verify_published
 
     ckpt = resolve_checkpoint(path)
-    verify(ckpt, action="use")  # a damaged checkpoint: one line naming the file, before anything is read
+    if not verify_published(ckpt):  # the root of a run directory is checked against published.json
+        verify(ckpt, action="use")  # a damaged checkpoint: one line naming the file, before anything is read
     train_cfg = read_json(ckpt / CONFIG_FILE) if (ckpt / CONFIG_FILE).is_file() else {}
-    hf_logging.disable_progress_bar()
-    try:
-        # safetensors only (never a pickled .bin) and no code from the checkpoint directory
-        model = AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot load the model in {ckpt} ({str(exc).splitlines()[0]}): pass a directory written "
-                         "by blockstate train or save_pretrained") from None
+    model = load_model(ckpt)
     vocab = int(model.config.vocab_size)
     if tokenizer is not None:
         corpus = None
@@ -88,16 +85,92 @@ def load_checkpoint(path: str | Path, tokenizer: str | None = None, device: torc
             saved = f" (it was trained with --tokenizer {train_cfg['tokenizer']})" if "tokenizer" in train_cfg else ""
             raise ValueError(f"--tokenizer {tokenizer} has {tok.vocab_size} ids but checkpoint {ckpt} has "
                              f"vocab_size {vocab}{saved}: drop --tokenizer to use the checkpoint's own")
-    elif (ckpt / "tokenizer").is_dir():
-        tok = load_tokenizer(ckpt / "tokenizer")
+    elif tokenizer_dir(ckpt) is not None:
+        tok = load_tokenizer(tokenizer_dir(ckpt))
+    elif train_cfg.get("tokenizer") == "bytes" or vocab == 257:
+        from blockstate.data import BytesTokenizer
+
+        tok = BytesTokenizer()  # the one tokenizer with 257 ids (a BPE needs more, and records its files)
     else:
-        raise ValueError(f"checkpoint {ckpt} has no saved tokenizer: pass --tokenizer (e.g. bytes, or the "
-                         "directory the tokenizer was saved to)")
+        raise ValueError(f"{ckpt} has no saved tokenizer (no tokenizer_config.json) and its vocab_size {vocab} is not "
+                         "the bytes tokenizer's 257: pass --tokenizer (the directory or .model file it was trained "
+                         "with)")
+    if tok.vocab_size != vocab:
+        raise ValueError(f"the tokenizer saved in {ckpt} has {tok.vocab_size} ids but the model has vocab_size "
+                         f"{vocab}: "
+                         "the directory mixes two runs; pass --tokenizer, or use a checkpoint of one run")
+    set_token_ids(model, tok.eos_id)  # directories saved before the ids were recorded stop at EOS too
     state = read_json(ckpt / "trainer_state.json") if (ckpt / "trainer_state.json").is_file() else {}
     train_length = state.get("seq_len") or train_cfg.get("seq_len") or getattr(model.config, "max_train_length", None)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
     name = f"{train_cfg.get('model', _model_name(model.config))} ({run_dir.name})"
     return LoadedModel(name, ckpt, model.to(device).eval(), tok, train_length, train_cfg)
+
+
+def check_weight_files(directory: Path) -> None:
+    """Refuse a ``model*.safetensors`` that is cut short or not safetensors, in one line, before loading: a
+    ``save_pretrained`` directory has no manifest, and the library's own error is a raw traceback."""
+    for f in sorted(directory.glob("model*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n)) if 0 < n <= min(size - 8, 100_000_000) else None
+            ends = [int(v["data_offsets"][1]) for k, v in (header or {}).items() if k != "__metadata__"]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            header = None
+        if header is None:
+            raise ValueError(f"{f} is not a safetensors file (its header is unreadable; {size:,} bytes): the "
+                             "directory is damaged; save the model again, or use another checkpoint")
+        expected = 8 + n + max(ends, default=0)
+        if size != expected:
+            what = "truncated" if size < expected else "longer than its header says"
+            raise ValueError(f"{f} is {what} ({size:,} of {expected:,} bytes): the directory is damaged; save the "
+                             "model again, or use another checkpoint")
+
+
+def load_model(directory: Path) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with one-line errors: safetensors only (never a pickled .bin), no
+    code from the directory, and weights that do not fit ``config.json`` named, not a load report."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    check_weight_files(directory)
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report of a mismatch is dozens of lines; the error below is one
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot load the model in {directory} ({str(exc).splitlines()[0]}): pass a directory "
+                         "written by blockstate train or save_pretrained") from None
+    except RuntimeError as exc:
+        if "mismatch" not in str(exc):
+            raise
+        raise ValueError(f"the weights in {directory} do not fit its config.json{_first_mismatch(directory)}: "
+                         "config.json was edited or belongs to another model; restore the saved one") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _first_mismatch(directory: Path) -> str:
+    """`` (model.x.weight is (64, 32) in the file, (128, 64) from the config)``, or '' when not found."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(directory)).state_dict().items()}
+        for f in sorted(directory.glob("model*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                for key in st.keys():
+                    saved = tuple(st.get_slice(key).get_shape())
+                    if key in shapes and shapes[key] != saved:
+                        return f" ({key} is {saved} in {f.name}, {shapes[key]} from config.json)"
+    except Exception:  # noqa: BLE001 - the example is a courtesy; the error stands without it
+        return ""
+    return ""
 
 
 def _model_name(config: Any) -> str:

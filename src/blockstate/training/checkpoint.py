@@ -3,13 +3,15 @@
 Layout of ``<run>/checkpoints/step-0000500/``::
 
     config.json, model.safetensors   the model (``AutoModelForCausalLM.from_pretrained(dir)`` loads it)
+    generation_config.json           EOS / BOS / PAD ids for ``generate()``
+    tokenizer_config.json (+ tokenizer.json / spm.model)
+                                     the tokenizer (``AutoTokenizer.from_pretrained(dir)``, ``load_tokenizer``)
     optimizer.safetensors            every optimiser state tensor, keyed ``<param name>::<state name>``
     optimizer.json                   param groups and non-tensor state (JSON)
     rng-rank<R>.safetensors / .json  torch / CUDA generator states (tensors), Python / numpy states (JSON)
     carry-rank<R>.safetensors        stateful models only: each row's state carried to its next segment
     trainer_state.json               step, token count, schedule, data-loader position, run id
     train_config.json                the TrainConfig
-    tokenizer/                       the tokenizer (``blockstate.data.load_tokenizer``)
     manifest.json                    size and sha256 of every other file, written last (``manifest.py``)
 
 Everything is written into ``checkpoints/.tmp-step-...`` and renamed into place only when complete (rename is
@@ -17,6 +19,10 @@ atomic on POSIX), then ``checkpoints/latest`` is replaced the same way: a kill a
 good checkpoint intact and findable. Old checkpoints are renamed to ``.trash-*`` before deletion, so a half
 deleted one is never mistaken for a checkpoint. Loading checks the manifest first, so a checkpoint damaged
 after the save (a truncated copy, bit rot) is refused with a one-line error naming the file.
+
+Checkpoints written before the tokenizer moved to the root keep it in ``tokenizer/`` (still read). At the end
+of training the model, tokenizer and generation config are also published at the run directory's root
+(``rundir.publish_model``), so the run directory itself is what ``from_pretrained`` takes.
 
 Nothing here unpickles: weights and tensors are safetensors, everything else JSON.
 """
@@ -219,8 +225,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model: Any, model_state: dict[s
             tensors, meta = flatten_optimizer_state(optimizer_state)
             save_file(tensors, tmp / "optimizer.safetensors")
             write_json(tmp / "optimizer.json", meta)
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer")
+        if tokenizer is not None:  # at the root, beside config.json: AutoTokenizer.from_pretrained(ckpt) works
+            tokenizer.save(tmp)
         write_json(tmp / CONFIG_FILE, train_config)
         write_json(tmp / STATE_FILE, {"format": FORMAT, "version": VERSION, **trainer_state})
         write_manifest(tmp)  # last: it describes every file above
@@ -271,17 +277,34 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return steps[0] if steps else None
 
 
+def tokenizer_dir(ckpt: Path) -> Path | None:
+    """Where a checkpoint (or a run directory, or a ``save_pretrained`` directory) keeps its tokenizer: the
+    root, or ``tokenizer/`` in checkpoints written before the root layout; None when it has none."""
+    from blockstate.data.tokenizers import is_tokenizer_dir
+
+    for candidate in (ckpt, ckpt / "tokenizer"):
+        if candidate.is_dir() and is_tokenizer_dir(candidate):
+            return candidate
+    return None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint, a run directory or a plain ``save_pretrained`` directory."""
+    """A loadable directory from a checkpoint, a run directory or a plain ``save_pretrained`` directory.
+
+    A run directory gives its newest complete checkpoint (the model at its root is the same weights once
+    training ended, and may be older while a resumed run trains on); a run directory without checkpoints
+    (pruned, or copied without them) gives its root model."""
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass a run directory (runs/...) or one of its "
                                 "checkpoints/step-* directories")
     if not path.is_dir():
         raise ValueError(f"checkpoint {path} is a file: pass its directory (a run directory or a checkpoint)")
-    if is_checkpoint(path) or (path / "config.json").is_file():
+    if is_checkpoint(path):
         return path
     found = latest_checkpoint(path)
+    if found is None and (path / "config.json").is_file():
+        return path
     if found is None:
         raise FileNotFoundError(f"{path} holds no checkpoint (no {CHECKPOINTS}/step-* with {STATE_FILE}, no "
                                 "config.json): pass a run directory written by blockstate train")

@@ -3,6 +3,12 @@
 A run directory holds ``run.json`` (a random run id and the start time), ``metrics.jsonl``, ``checkpoints/``,
 the plots and ``results.json``. Every checkpoint records the run id, so a checkpoint copied into another run's
 directory is refused instead of silently mixing two runs.
+
+When training ends (or stops on SIGTERM / SIGINT) the last checkpoint's model, tokenizer, generation config
+and training config are published at the root (:func:`publish_model`), as Hugging Face's Trainer does with its
+``output_dir``: ``AutoModelForCausalLM.from_pretrained(run_dir)``, ``AutoTokenizer.from_pretrained(run_dir)``
+and ``pipeline("text-generation", model=run_dir)`` take the run directory itself. ``published.json``, written
+last, records the step and every published file's size and sha256 (:func:`verify_published`).
 """
 
 from __future__ import annotations
@@ -20,20 +26,27 @@ from blockstate.training.checkpoint import (
     CHECKPOINTS,
     CONFIG_FILE,
     LATEST,
+    STATE_FILE,
     atomic_write_text,
+    fsync_path,
     is_checkpoint,
     latest_checkpoint,
     load_trainer_state,
     logger,
     output_error,
     read_json,
+    tokenizer_dir,
     verify,
 )
 from blockstate.training.config import TrainConfig, identity_mismatches, resolved_settings
+from blockstate.training.manifest import MANIFEST, CheckpointError, sha256_file
 
 RUN_FILE = "run.json"
+PUBLISHED = "published.json"
+# checkpoint files that are for resuming only, never published at the root
+_RESUME_ONLY = ("optimizer.", "rng-rank", "carry-rank", STATE_FILE, MANIFEST)
 RUN_FILES = (RUN_FILE, "metrics.jsonl", "results.json", "results.md", "loss_curve.png", "loss_by_position.png",
-             "sample.txt", "train.log")
+             "sample.txt", "train.log", PUBLISHED)
 
 
 def _slug(text: str) -> str:
@@ -91,6 +104,14 @@ def start_run(path: Path, cfg: TrainConfig, overwrite: bool) -> dict[str, Any]:
         # only our own files: a user who pointed --output at a directory of theirs keeps everything else
         shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
         shutil.rmtree(path / "tensorboard", ignore_errors=True)
+        if (path / PUBLISHED).is_file():  # the earlier run's model at the root must not pass for this run's
+            try:
+                published = list(json.loads((path / PUBLISHED).read_text(encoding="utf-8")).get("files", {}))
+            except (OSError, ValueError, AttributeError):
+                published = []
+            for name in published:
+                if "/" not in str(name):
+                    (path / str(name)).unlink(missing_ok=True)
         for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
     run = {"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": cfg.model,
@@ -168,11 +189,82 @@ def check_same_tokenizer(ckpt: Path, tokenizer: Any) -> None:
     corpus that changed since): the weights would read other token ids than they were trained on."""
     from blockstate.data import load_tokenizer
 
-    if not (ckpt / "tokenizer").is_dir():
+    if tokenizer_dir(ckpt) is None:
         return
-    saved = load_tokenizer(ckpt / "tokenizer")
+    saved = load_tokenizer(tokenizer_dir(ckpt))
     if saved.fingerprint != tokenizer.fingerprint:
         raise ValueError(f"checkpoint {ckpt} was trained with the tokenizer {saved.kind} (vocab {saved.vocab_size}, "
                          f"{saved.fingerprint[:16]}), this run built {tokenizer.kind} (vocab {tokenizer.vocab_size}, "
                          f"{tokenizer.fingerprint[:16]}): the corpus or the tokenizer changed since; resume with "
                          "the same data, or start a new run")
+
+
+# -- the model at the root ---------------------------------------------------------------------------------
+def publish_model(run_dir: Path, ckpt: Path) -> list[str]:
+    """Publish checkpoint ``ckpt``'s model, tokenizer, generation and training config at ``run_dir``'s root.
+
+    The files are hard links to the checkpoint's (copies where links are refused), made in a temporary
+    directory and renamed into place one by one; ``published.json`` goes last. A kill in between leaves files
+    of two steps, which :func:`verify_published` finds: ``published.json`` names the files and their hashes.
+    Returns the published names."""
+    listed = (read_json(ckpt / MANIFEST).get("files", {}) if (ckpt / MANIFEST).is_file() else {})
+    names = sorted(p.name for p in ckpt.iterdir() if p.is_file() and not p.name.startswith(_RESUME_ONLY))
+    tmp = run_dir / f".tmp-publish-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        files = {}
+        for name in names:
+            try:
+                os.link(ckpt / name, tmp / name)
+            except OSError:
+                shutil.copy2(ckpt / name, tmp / name)
+            entry = listed.get(name) or {"size": (ckpt / name).stat().st_size, "sha256": sha256_file(ckpt / name)}
+            files[name] = {"size": int(entry["size"]), "sha256": str(entry["sha256"])}
+        for old in run_dir.glob("model*.safetensors"):  # shards of an earlier publication that this one lacks
+            if old.name not in files:
+                old.unlink()
+        for name in names:
+            os.replace(tmp / name, run_dir / name)
+        step = int(ckpt.name.rsplit("-", 1)[-1]) if ckpt.name.startswith("step-") else None
+        atomic_write_text(run_dir / PUBLISHED, json.dumps({"format": "blockstate-published", "version": 1,
+                                                           "step": step, "checkpoint": f"{CHECKPOINTS}/{ckpt.name}",
+                                                           "files": files}, indent=1) + "\n")
+        fsync_path(run_dir)
+    except OSError as exc:
+        raise output_error(exc, run_dir, f"the final model (from {ckpt.name}; the checkpoint itself is complete)"
+                           ) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return names
+
+
+def verify_published(run_dir: Path) -> bool:
+    """Check the model at a run directory's root against ``published.json`` (CheckpointError: one line naming
+    the file and the checkpoint with the same weights). False when the directory has no ``published.json``."""
+    path = run_dir / PUBLISHED
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        files = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in record["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is damaged ({type(exc).__name__}): load {run_dir / CHECKPOINTS} instead, or "
+                              "train again") from None
+    ckpt = run_dir / str(record.get("checkpoint") or CHECKPOINTS)
+    fix = (f"use {ckpt} (the same weights)" if (ckpt / STATE_FILE).is_file()
+           else "its checkpoint is gone: restore the directory from a backup or train again")
+    for name, (size, digest) in sorted(files.items()):
+        f = run_dir / name
+        problem = None
+        if not f.is_file():
+            problem = "is missing"
+        elif f.stat().st_size < size:
+            problem = f"is truncated ({f.stat().st_size:,} of {size:,} bytes)"
+        elif f.stat().st_size > size:
+            problem = f"has {f.stat().st_size:,} bytes, {size:,} when it was saved"
+        elif sha256_file(f) != digest:
+            problem = "is corrupted (its sha256 differs from the one recorded at save time)"
+        if problem:
+            raise CheckpointError(f"the model at the root of {run_dir}: {name} {problem}; {fix}")
+    return True

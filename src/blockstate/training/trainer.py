@@ -29,6 +29,7 @@ import torch
 
 from blockstate.data import IGNORE_INDEX, DataError, SegmentLoader, build_tokenizer, load_corpus, tokenize_split
 from blockstate.evaluation.evaluate import EvalResult, evaluate, head_documents
+from blockstate.generation import can_generate, set_token_ids
 from blockstate.models.modeling_blockstate import enable_gradient_checkpointing
 from blockstate.training import checkpoint as ckpt_io
 from blockstate.training import distributed as D
@@ -43,6 +44,7 @@ from blockstate.training.rundir import (
     check_writable,
     default_output,
     find_resume,
+    publish_model,
     resume_config,
     set_aside_newer,
     start_run,
@@ -209,6 +211,7 @@ class Trainer:
             if value is not None:
                 overrides[key] = value
         model = build_model(cfg.model, cfg.size, **overrides)
+        set_token_ids(model, tokenizer.eos_id)  # saved in config.json / generation_config.json: generate() stops at EOS
         seq_len = cfg.seq_len or int(getattr(model.config, "max_train_length", 0) or 512)
         if train_data.num_tokens < seq_len:
             raise ValueError(f"the train split of {corpus.name} has {train_data.num_tokens:,} tokens, fewer than one "
@@ -424,6 +427,8 @@ class Trainer:
             val = validate(valid_head)
             metrics.log("eval", step, val_loss=val.loss, val_bpb=val.bpb, val_ppl=val.ppl, tokens=tokens)
         ckpt_dir = save() if step > 0 else ckpt_dir
+        if main and ckpt_dir is not None:  # the run directory itself becomes the model (from_pretrained(run_dir))
+            publish_model(run_dir, ckpt_dir)
         result = TrainResult(run_dir, ckpt_dir, step, last_loss, tokens, elapsed, interrupted, skipped,
                              validation=val)
         if interrupted:
@@ -456,7 +461,7 @@ class Trainer:
         return result
 
     def _sample(self, wrapped, info: D.DistInfo, ckpt_dir: Path | None, tokenizer, seq_len: int) -> str:
-        from blockstate.evaluation.generate import sample_text
+        from blockstate.generation import SamplingConfig, generate_text
 
         model = D.unwrap(wrapped)
         if info.parallel == "fsdp" and info.enabled:  # sharded weights: read the full model back on this rank
@@ -466,6 +471,10 @@ class Trainer:
         prompt = self.cfg.sample_prompt
         if prompt is None:  # something that suits the built-in corpora; elsewhere start a fresh document
             prompt = {"python-stdlib": "def ", "shakespeare": "ROMEO:"}.get(self.cfg.data, "")
-        return sample_text(model, tokenizer, prompt, self.cfg.sample_tokens, context=seq_len,
-                           temperature=self.cfg.temperature, seed=self.cfg.seed, device=info.device)
+        cfg = SamplingConfig(max_new_tokens=self.cfg.sample_tokens, temperature=max(0.0, self.cfg.temperature),
+                             seed=self.cfg.seed)
+        if not can_generate(model):
+            logger.warning("no sample: %s has no generate() yet", type(model).__name__)
+            return ""
+        return prompt + generate_text(model, tokenizer, prompt, cfg)  # HF generate(), the one generation path
 
