@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "compare": "blockstate.cli.compare",
     "ablate": "blockstate.cli.ablate",
     "synthetic": "blockstate.cli.synthetic",
+    "lm-eval": "blockstate.cli.lm_eval",
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, OSError)
