@@ -80,7 +80,11 @@ def print_table(payload: dict[str, Any]) -> None:
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine (torch + transformers only): the JSON holds every number
+        print(f"matplotlib is not installed: {path.name} not drawn")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

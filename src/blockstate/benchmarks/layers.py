@@ -352,7 +352,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(report(payload))
     for note in notes:
         print(note)
-    stem = f"layers-{'gpu' if device.type == 'cuda' else 'cpu'}"
+    # one file per device and precision, so an fp32 and a bf16 run can sit side by side (scripts/gpu-check.sh)
+    suffix = {"float32": "", "bfloat16": "-bf16", "float16": "-fp16"}[args.dtype]
+    stem = f"layers-{'gpu' if device.type == 'cuda' else 'cpu'}{suffix}"
     write_json(args.out / f"{stem}.json", payload)
     plot(payload, args.out / f"{stem}.png")
     print(f"wrote {args.out / stem}.json and .png")

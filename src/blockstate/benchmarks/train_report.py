@@ -62,7 +62,7 @@ def extra_tables(payload: dict[str, Any]) -> list[str]:
                 cells.append("-" if not f else f"{f / 1e9:,.1f}" + ("" if u is None else f" ({100 * u:.1f}%)"))
             out.append(f"| {name} | " + " | ".join(cells) + " |")
     if any("checkpointed_peak_mib" in r for rows in rows_of.values() for r in rows.values()):
-        out += ["", "gradient checkpointing: peak step MiB with it (saved vs without; step time ratio)", "",
+        out += ["", "gradient checkpointing: peak step MiB with it (change vs without; step time ratio)", "",
                 "| model | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
         for name, rows in rows_of.items():
             cells = []
@@ -74,13 +74,17 @@ def extra_tables(payload: dict[str, Any]) -> list[str]:
                     cells.append("-")
                     continue
                 ratio = f", x{secs / r['step_s']['median']:.2f}" if secs and r.get("step_s") else ""
-                cells.append(f"{peak:,.0f}" + ("" if saved is None else f" (-{saved:,.0f}{ratio})"))
+                cells.append(f"{peak:,.0f}" + ("" if saved is None else f" ({-saved:+,.0f}{ratio})"))
             out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine (torch + transformers only): the JSON holds every number
+        print(f"matplotlib is not installed: {path.name} not drawn")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
