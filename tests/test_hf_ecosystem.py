@@ -198,3 +198,56 @@ def test_help_shows_defaults_and_every_subcommand_has_a_description(capsys):
     paths = dict(subcommand_paths(build_parser()))
     for path in [("generate",), ("models",), ("presets",), ("demo",), ("bench", "generate")]:
         assert (paths[path].description or "").strip(), path
+
+
+def test_a_full_disk_while_publishing_is_one_line_and_keeps_the_checkpoint(run_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import blockstate.training.rundir as rundir_mod
+
+    def enospc(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir_mod, "atomic_write_text", enospc)  # the published.json write, the last one
+    out = tmp_path / "run"
+    err = one_line(capsys, train_args(run_dir.parent, out))
+    assert f"no space left on the device of {out} while writing the final model (from step-0000002" in err
+    assert not list(out.glob(".tmp-publish-*")) and not (out / "published.json").exists()
+    monkeypatch.undo()
+    from blockstate.training.checkpoint import verify
+
+    verify(out / "checkpoints" / "step-0000002")  # complete and verified: resume or load it
+
+
+def test_a_checkpoint_of_the_layout_before_still_loads(run_dir, tmp_path, capsys):
+    """Tokenizer in ``tokenizer/blockstate_tokenizer.json`` (checkpoints written before the root layout)."""
+    from blockstate.data import BytesTokenizer
+    from blockstate.training.manifest import write_manifest
+    from blockstate.training.rundir import check_same_tokenizer
+
+    old = tmp_path / "old"
+    shutil.copytree(run_dir / "checkpoints" / "step-0000002", old)
+    for name in ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json", "manifest.json"):
+        (old / name).unlink(missing_ok=True)
+    (old / "tokenizer").mkdir()
+    (old / "tokenizer" / "blockstate_tokenizer.json").write_text(json.dumps(
+        {"format": "blockstate-tokenizer", "version": 1, "type": "bytes", "vocab_size": 257, "eos_id": 256}))
+    write_manifest(old)
+    check_same_tokenizer(old, BytesTokenizer())  # resuming it compares the same fingerprint
+    assert main(["generate", str(old), "--prompt", "a", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("a")
+
+
+def test_every_registered_model_generates_text():
+    import blockstate
+    from blockstate.data import BytesTokenizer
+    from blockstate.generation import SamplingConfig, can_generate, generate_text
+
+    for name in blockstate.list_models():
+        torch.manual_seed(0)
+        model = blockstate.create_model(name, size="tiny", vocab_size=257).eval()
+        if not can_generate(model):
+            pytest.fail(f"{name} has no generate()")
+        pieces: list[str] = []
+        text = generate_text(model, BytesTokenizer(), "def ", SamplingConfig(max_new_tokens=3, seed=1), pieces.append)
+        assert text == "".join(pieces), name

@@ -58,7 +58,7 @@ def test_tiny_run_learns_and_writes_everything(corpus, tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["step"] == 40 and results["test_bpb"] == pytest.approx(result.test.bpb, rel=1e-5)
     assert result.checkpoint.name == "step-0000040"
-    assert (result.checkpoint / "tokenizer" / "blockstate_tokenizer.json").is_file()
+    assert (result.checkpoint / "tokenizer_config.json").is_file() and (run / "tokenizer_config.json").is_file()
 
 
 def test_grad_accumulation_equals_the_large_batch(corpus, tmp_path):

@@ -204,9 +204,10 @@ def publish_model(run_dir: Path, ckpt: Path) -> list[str]:
     """Publish checkpoint ``ckpt``'s model, tokenizer, generation and training config at ``run_dir``'s root.
 
     The files are hard links to the checkpoint's (copies where links are refused), made in a temporary
-    directory and renamed into place one by one; ``published.json`` goes last. A kill in between leaves files
-    of two steps, which :func:`verify_published` finds: ``published.json`` names the files and their hashes.
-    Returns the published names."""
+    directory and renamed into place one by one; the earlier ``published.json`` is removed first and the new
+    one written last, so the record never describes files it does not match. A kill between two renames (a
+    window of microseconds) leaves a root without a record; the checkpoints, which ``blockstate eval`` and
+    ``generate`` prefer, are complete either way. Returns the published names."""
     listed = (read_json(ckpt / MANIFEST).get("files", {}) if (ckpt / MANIFEST).is_file() else {})
     names = sorted(p.name for p in ckpt.iterdir() if p.is_file() and not p.name.startswith(_RESUME_ONLY))
     tmp = run_dir / f".tmp-publish-{os.getpid()}"
@@ -221,6 +222,9 @@ def publish_model(run_dir: Path, ckpt: Path) -> list[str]:
                 shutil.copy2(ckpt / name, tmp / name)
             entry = listed.get(name) or {"size": (ckpt / name).stat().st_size, "sha256": sha256_file(ckpt / name)}
             files[name] = {"size": int(entry["size"]), "sha256": str(entry["sha256"])}
+        # the earlier record goes first: a kill between the renames below must not leave the new files under a
+        # record of the old ones (verify_published would blame a checkpoint that may be pruned by now)
+        (run_dir / PUBLISHED).unlink(missing_ok=True)
         for old in run_dir.glob("model*.safetensors"):  # shards of an earlier publication that this one lacks
             if old.name not in files:
                 old.unlink()
