@@ -223,7 +223,7 @@ def test_a_checkpoint_of_the_layout_before_still_loads(run_dir, tmp_path, capsys
     """Tokenizer in ``tokenizer/blockstate_tokenizer.json`` (checkpoints written before the root layout)."""
     from blockstate.data import BytesTokenizer
     from blockstate.training.manifest import write_manifest
-    from blockstate.training.rundir import check_same_tokenizer
+    from blockstate.training.rundir import check_same_tokenizer, publish_model, verify_published
 
     old = tmp_path / "old"
     shutil.copytree(run_dir / "checkpoints" / "step-0000002", old)
@@ -234,6 +234,12 @@ def test_a_checkpoint_of_the_layout_before_still_loads(run_dir, tmp_path, capsys
         {"format": "blockstate-tokenizer", "version": 1, "type": "bytes", "vocab_size": 257, "eos_id": 256}))
     write_manifest(old)
     check_same_tokenizer(old, BytesTokenizer())  # resuming it compares the same fingerprint
+    root = tmp_path / "resumed"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / ".tmp-publish-1").mkdir()  # left by a process killed while publishing
+    publish_model(root, old, BytesTokenizer())  # its tokenizer is saved at the root, not left in tokenizer/
+    assert (root / "tokenizer_config.json").is_file() and verify_published(root)
+    assert not list(root.glob(".tmp-publish-*"))
     assert main(["generate", str(old), "--prompt", "a", "--max-new-tokens", "3", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("a")
 

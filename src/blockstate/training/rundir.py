@@ -200,19 +200,21 @@ def check_same_tokenizer(ckpt: Path, tokenizer: Any) -> None:
 
 
 # -- the model at the root ---------------------------------------------------------------------------------
-def publish_model(run_dir: Path, ckpt: Path) -> list[str]:
+def publish_model(run_dir: Path, ckpt: Path, tokenizer: Any = None) -> list[str]:
     """Publish checkpoint ``ckpt``'s model, tokenizer, generation and training config at ``run_dir``'s root.
 
     The files are hard links to the checkpoint's (copies where links are refused), made in a temporary
     directory and renamed into place one by one; the earlier ``published.json`` is removed first and the new
     one written last, so the record never describes files it does not match. A kill between two renames (a
     window of microseconds) leaves a root without a record; the checkpoints, which ``blockstate eval`` and
-    ``generate`` prefer, are complete either way. Returns the published names."""
+    ``generate`` prefer, are complete either way. ``tokenizer`` is saved at the root when ``ckpt`` has none at
+    its own root (a checkpoint of the layout before, resumed). Returns the published names."""
     listed = (read_json(ckpt / MANIFEST).get("files", {}) if (ckpt / MANIFEST).is_file() else {})
     names = sorted(p.name for p in ckpt.iterdir() if p.is_file() and not p.name.startswith(_RESUME_ONLY))
     tmp = run_dir / f".tmp-publish-{os.getpid()}"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in run_dir.glob(".tmp-publish-*"):  # this one, or one of a process killed while publishing
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir()
         files = {}
         for name in names:
@@ -222,6 +224,11 @@ def publish_model(run_dir: Path, ckpt: Path) -> list[str]:
                 shutil.copy2(ckpt / name, tmp / name)
             entry = listed.get(name) or {"size": (ckpt / name).stat().st_size, "sha256": sha256_file(ckpt / name)}
             files[name] = {"size": int(entry["size"]), "sha256": str(entry["sha256"])}
+        if tokenizer is not None and tokenizer_dir(ckpt) != ckpt:
+            tokenizer.save(tmp)
+            for f in sorted(p for p in tmp.iterdir() if p.name not in files):
+                names.append(f.name)
+                files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         # the earlier record goes first: a kill between the renames below must not leave the new files under a
         # record of the old ones (verify_published would blame a checkpoint that may be pruned by now)
         (run_dir / PUBLISHED).unlink(missing_ok=True)

@@ -428,7 +428,7 @@ class Trainer:
             metrics.log("eval", step, val_loss=val.loss, val_bpb=val.bpb, val_ppl=val.ppl, tokens=tokens)
         ckpt_dir = save() if step > 0 else ckpt_dir
         if main and ckpt_dir is not None:  # the run directory itself becomes the model (from_pretrained(run_dir))
-            publish_model(run_dir, ckpt_dir)
+            publish_model(run_dir, ckpt_dir, tokenizer)
         result = TrainResult(run_dir, ckpt_dir, step, last_loss, tokens, elapsed, interrupted, skipped,
                              validation=val)
         if interrupted:
