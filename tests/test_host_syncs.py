@@ -22,6 +22,7 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -35,6 +36,45 @@ VALUE_OPS = {"_local_scalar_dense", "equal", "nonzero", "masked_select", "_uniqu
              "unique_consecutive", "unique_dim_consecutive", "bincount", "histc"}
 INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 COPY_OPS = {"_to_copy", "copy_"}
+FACTORIES = {"tensor", "as_tensor", "full", "zeros", "ones", "empty", "arange"}
+
+
+def _where() -> str:
+    frames = [f for f in traceback.extract_stack()[:-2]
+              if "blockstate" in f.filename or "torch/optim" in f.filename or "torch/nn" in f.filename]
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
+
+
+class _Residency(TorchFunctionMode):
+    """The simulated accelerator's notion of where a tensor lives, from the Python-level calls (which the
+    dispatcher no longer distinguishes on CPU): a factory called without ``device=`` makes a host tensor, as do
+    ``.cpu()`` and ``.to("cpu")`` (a device-to-host copy: counted as a sync when the input is on the device);
+    ``.to(some_device)`` makes a device tensor."""
+
+    def __init__(self, counter: SyncCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        host = self.counter.host
+        if name in FACTORIES and "device" not in kwargs and isinstance(out, torch.Tensor):
+            host[out] = True
+        elif name in ("cpu", "to") and isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+            target = kwargs.get("device", args[1] if name == "to" and len(args) > 1 else None)
+            if name == "cpu" or target == "cpu":  # meant for the host
+                if self.counter.on_device(args[0]):
+                    self.counter.hits[("device-to-host copy", _where())] += 1
+                if out is args[0]:
+                    out = out.clone()
+                host[out] = True
+            elif isinstance(target, torch.device) and not self.counter.on_device(args[0]):  # host -> device
+                if out is args[0]:
+                    out = out.clone()
+                host.pop(out, None)
+        return out
 
 
 class SyncCounter(TorchDispatchMode):
@@ -47,6 +87,18 @@ class SyncCounter(TorchDispatchMode):
         self.host = WeakIdKeyDictionary()
         for t in host:
             self.host[t] = True
+        self.residency = _Residency(self) if self.simulated else None
+
+    def __enter__(self):
+        out = super().__enter__()
+        if self.residency is not None:
+            self.residency.__enter__()
+        return out
+
+    def __exit__(self, *exc):
+        if self.residency is not None:
+            self.residency.__exit__(*exc)
+        return super().__exit__(*exc)
 
     def on_device(self, t: torch.Tensor) -> bool:
         if self.simulated:
@@ -79,10 +131,7 @@ class SyncCounter(TorchDispatchMode):
         name = func._schema.name.split("::")[-1]
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if self._is_sync(name, tensors, args, kwargs):
-            frames = [f for f in traceback.extract_stack()[:-1]
-                      if "blockstate" in f.filename or "torch/optim" in f.filename or "torch/nn" in f.filename]
-            where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
-            self.hits[(name, where)] += 1
+            self.hits[(name, _where())] += 1
         out = func(*args, **kwargs)
         if self.simulated and tensors and not any(self.on_device(t) for t in tensors):
             for t in tree_flatten(out)[0]:  # computed from host tensors alone: a host tensor too
@@ -198,21 +247,20 @@ def count_decode_step(monkeypatch, name: str, prompt: int = 40) -> SyncCounter:
     torch.manual_seed(0)
     model = create_model(name, "tiny").to(DEVICE).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, prompt + 2), device=DEVICE)
-    with torch.no_grad():
+    counter = counting(monkeypatch)
+    with torch.no_grad(), counter:  # from the prefill on, so the counter knows which tensors the host holds
         out = model(ids[:, :prompt], use_cache=True)
         out = model(ids[:, prompt : prompt + 1], cache=out.cache, use_cache=True)  # warm-up: buffers grown
-        counter = counting(monkeypatch)
-        with counter:
-            model(ids[:, prompt + 1 : prompt + 2], cache=out.cache, use_cache=True)
+        counter.hits.clear()  # only the decode step counts
+        model(ids[:, prompt + 1 : prompt + 2], cache=out.cache, use_cache=True)
     return counter
 
 
-DECODERS = [n for n in list_models() if n != "gss-hybrid"]  # gss-hybrid's streaming cache: another change
-
-
-@pytest.mark.parametrize("name", DECODERS)
-def test_decode_step_syncs_are_listed(monkeypatch, name):
-    """The decode step's syncs, printed for the report (-s); bounded so new ones show up here."""
+@pytest.mark.parametrize("name", list_models())
+def test_decode_step_has_no_host_syncs(monkeypatch, name):
+    """One decoding step (a token per row, from a cache) decides its buffer growth and block starts from the
+    cache's host mirror of the positions: no sync. (A prefill with padding, or a beam reorder, leaves the mirror
+    to be read once from the device on the next step.) The counts print with -s for the report."""
     counter = count_decode_step(monkeypatch, name)
     print(f"\ndecode step {name}: {counter.total} syncs {dict(counter.hits)}")
-    assert counter.total <= 12, dict(counter.hits)
+    assert counter.total == 0, dict(counter.hits)

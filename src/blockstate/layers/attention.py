@@ -239,6 +239,8 @@ class BlockAttention(nn.Module):
         rows = torch.arange(bsz, device=h.device)
         phase = position % w
         starts = phase == 0
+        host_phase = cache.positions_on_host(position) % w  # shape decisions on the host: no sync
+        any_start = bool((host_phase == 0).any())
         q, k, v = self.qkv(h).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(1)  # (B, H, d) each
         if self.attend_previous_block:
             if cache.prev_keys is None:
@@ -246,10 +248,10 @@ class BlockAttention(nn.Module):
                 cache.prev_keys, cache.prev_values = h.new_zeros(shape), h.new_zeros(shape)
             self._grow_block(cache, bsz, w, h)
             moving = starts.view(-1, 1, 1, 1)  # the finished block becomes the previous block, W positions back
-            if bool(starts.any()):
+            if any_start:
                 cache.prev_keys = torch.where(moving, self._rope(cache.keys, -w, step=0), cache.prev_keys)
             cache.prev_values = torch.where(moving, cache.values, cache.prev_values)
-        self._grow_block(cache, bsz, int(phase.max()) + 1, h)
+        self._grow_block(cache, bsz, int(host_phase.max()) + 1, h)
         cache.keys[rows, :, phase] = self._rope_at(k, phase)  # keys are kept rotated to their slot
         cache.values[rows, :, phase] = v
 
@@ -275,7 +277,7 @@ class BlockAttention(nn.Module):
                 cache.context_values[rows, :, phase] = vc[:, 0]
                 cross_mask = current[:, None, None, :]
             else:
-                if bool(starts.any()):
+                if any_start:
                     kc, vc = (t.transpose(1, 2) for t in self.context_keys_values(context))
                     if cache.context_keys is None:
                         cache.context_keys, cache.context_values = kc, vc

@@ -30,15 +30,24 @@ class LayerCache:
     kernel: torch.Tensor | None = None  # other kernels: (D, C, cap), generated once per capacity
     last_output: torch.Tensor | None = None  # MF: (B, D, S) SSM output at the previous position
     recurrent_state: torch.Tensor | None = None  # Block-Recurrent baseline: (B, S, D) state vectors
+    # the model cache's positions on the host, set before each step: shape decisions (buffer growth, "does any
+    # row start a block") read it instead of the device, so a decode step does not wait for the GPU (issue 16)
+    host_position: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     def map_batch(self, fn) -> None:
-        """Apply ``fn`` to every per-row tensor (all but the kernel, which has no batch dimension)."""
+        """Apply ``fn`` to every per-row tensor (all but the kernel, which has no batch dimension, and the host
+        positions, which the model cache sets again before every step)."""
         for name, value in self.tensors().items():
-            if name != "kernel":
+            if name not in ("kernel", "host_position"):
                 setattr(self, name, fn(value))
+
+    def positions_on_host(self, position: torch.Tensor) -> torch.Tensor:
+        """``position`` (B,) as a CPU tensor: the mirror the model set (free), else read from the device."""
+        host = self.host_position
+        return host if host is not None and host.shape == position.shape else position.cpu()
 
 
 @dataclass
@@ -48,25 +57,41 @@ class BlockStateCache:
 
     position: torch.Tensor  # (B,) tokens consumed per row
     layers: list[LayerCache] = field(default_factory=list)
+    host_position: torch.Tensor | None = None  # the same on the CPU, kept alongside: read without a sync
+
+    def positions_on_host(self) -> torch.Tensor:
+        """The positions as a CPU tensor (the mirror when it is current, else one read from the device)."""
+        host = self.host_position
+        if host is None or host.shape != self.position.shape:
+            host = self.host_position = self.position.cpu()
+        return host
+
+    def set_position(self, position: torch.Tensor, host: torch.Tensor | None = None) -> None:
+        """New positions, with their host mirror when the caller knows it (else it is read once, lazily)."""
+        self.position, self.host_position = position, host
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.position.max()) if self.position.numel() else 0
+        return int(self.positions_on_host().max()) if self.position.numel() else 0
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         self.index_select(beam_idx)
 
     def index_select(self, index: torch.Tensor) -> None:
+        self.host_position = None  # read again when needed (beam search reorders with a device index)
         self.position = self.position.index_select(0, index.to(self.position.device))
         for layer in self.layers:
             layer.map_batch(lambda t: t.index_select(0, index.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.host_position is not None:
+            self.host_position = self.host_position.repeat_interleave(repeats, 0)
         self.position = self.position.repeat_interleave(repeats, 0)
         for layer in self.layers:
             layer.map_batch(lambda t: t.repeat_interleave(repeats, 0))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors().values())
+        return sum(t.numel() * t.element_size() for layer in self.layers
+                   for name, t in layer.tensors().items() if name != "host_position")
 
 
 def grow(buffer: torch.Tensor | None, shape: tuple[int, ...], needed: int, limit: int | None, dim: int,

@@ -153,7 +153,7 @@ class BlockRecurrentLayer(BlockTransformerLayer):
         x = x + self.attention.step(u, cache, position, state.to(x.dtype))
         x = x + self.ffn(self.ffn_norm(x))
         ends = (position + 1) % self.attention.block_size == 0
-        if bool(ends.any()):
+        if bool(((cache.positions_on_host(position) + 1) % self.attention.block_size == 0).any()):  # no sync
             keys, values = self.attention.block_past(cache)  # the finished block, keys un-rotated
             new = self.update_state(state, keys, values)
             cache.recurrent_state = torch.where(ends.view(-1, 1, 1), new.float(), cache.recurrent_state)

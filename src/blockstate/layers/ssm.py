@@ -290,7 +290,7 @@ class LongConvSSM(nn.Module):
                 cache.ssm_state, y = s4d_step(cache.ssm_state, self._per_filter(u), abar, bbar, c)
                 y = y.view(bsz, self.channels, self.filters)
             else:
-                needed = int(position.max()) + 1
+                needed = int(cache.positions_on_host(position).max()) + 1  # the mirror: no sync
                 old = 0 if cache.history is None else cache.history.shape[-1]
                 cache.history = grow(cache.history, (bsz, self.channels, needed), needed, None, 2, torch.float32,
                                      u.device)

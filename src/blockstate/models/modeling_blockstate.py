@@ -98,12 +98,14 @@ class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
             raise ValueError(f"inputs_embeds must be a non-empty float tensor (batch, length, hidden_size="
                              f"{self.config.hidden_size}), got {getattr(inputs_embeds, 'dtype', type(inputs_embeds))} "
                              f"{tuple(getattr(inputs_embeds, 'shape', ()))}")
-        start = 0
+        start, host_lengths = 0, None
         if cache is not None:
-            start = int(cache.position.max())
+            host = cache.positions_on_host()  # positions are decided on the host: no sync per call
+            start = int(host.max())
             if lengths is None:
                 lengths = torch.full((inputs_embeds.shape[0],), inputs_embeds.shape[1], device=inputs_embeds.device)
-            if start and (bool((cache.position != start).any()) or start % self.config.block_size):
+                host_lengths = torch.full((inputs_embeds.shape[0],), inputs_embeds.shape[1])
+            if start and (bool((host != start).any()) or start % self.config.block_size):
                 raise ValueError("a parallel continuation must start on a block boundary at the same position in "
                                  "every row; decode token by token otherwise")
         x = self.dropout(inputs_embeds)
@@ -112,8 +114,8 @@ class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
                 x = run_layer(self, layer.__call__, x, None, lengths, start)
             else:  # a prefill keeps no graph: nothing to checkpoint
                 x = layer(x, cache.layers[i], lengths, start)
-        if cache is not None:
-            cache.position = start + lengths
+        if cache is not None:  # padded rows' lengths live on the device: their mirror is read once, lazily
+            cache.set_position(start + lengths, None if host_lengths is None else start + host_lengths)
         return BaseModelOutput(last_hidden_state=self.norm(x))
 
     def allocate_inference_cache(self, batch_size: int, device: torch.device | None = None) -> BlockStateCache:
@@ -125,9 +127,12 @@ class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
     def step(self, input_ids: torch.LongTensor, cache: BlockStateCache) -> torch.Tensor:
         """One token per row, (B,) -> final hidden states (B, D); advances ``cache.position``."""
         x = self.embed_tokens(input_ids)
+        host = cache.positions_on_host()
         for layer, layer_cache in zip(self.layers, cache.layers):
+            layer_cache.host_position = host  # the layers' shape decisions read it (LayerCache.positions_on_host)
             x = layer.step(x, layer_cache, cache.position)
-        cache.position = cache.position + 1
+            layer_cache.host_position = None
+        cache.set_position(cache.position + 1, host + 1)
         return self.norm(x)
 
 
@@ -241,7 +246,7 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
         that has seen tokens, recurrent decoding of ``input_ids`` one token at a time (equal to the parallel
         forward over the whole stream). ``attention_mask`` (B, L) marks one contiguous run of real tokens per row
         (left or right padding); each row is computed as if it stood alone."""
-        if cache is not None and int(cache.position.max()) > 0 and not self._continues_in_parallel(cache, input_ids):
+        if cache is not None and cache.get_seq_length() > 0 and not self._continues_in_parallel(cache, input_ids):
             if input_ids is None:
                 raise ValueError("decoding with a cache needs input_ids")
             check_input_ids(input_ids, self.config.vocab_size)
@@ -258,7 +263,7 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
             starts, lengths = padding_runs(attention_mask)
             input_ids = gather_positions(input_ids, starts, input_ids.shape[1])  # real tokens first
             input_ids = input_ids * (torch.arange(input_ids.shape[1], device=input_ids.device) < lengths[:, None])
-        if cache is not None and int(cache.position.max()) > 0 and starts is not None:
+        if cache is not None and cache.get_seq_length() > 0 and starts is not None:
             raise ValueError("attention_mask padding is only supported for the first (prefill) call")
         if use_cache and cache is None:
             batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
@@ -277,7 +282,7 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
         """A chunk of at least one block that starts on a block boundary in every row runs in parallel mode with
         the carried state (segment streaming); anything else is decoded token by token. Both are exact."""
         w = self.config.block_size
-        pos = cache.position
+        pos = cache.positions_on_host()
         return (input_ids is not None and input_ids.shape[1] >= w and bool((pos == pos[0]).all())
                 and int(pos[0]) % w == 0)
 
@@ -293,7 +298,7 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, cache: BlockStateCache | None = None,
                                       attention_mask: torch.Tensor | None = None, use_cache: bool = True,
                                       **kwargs) -> dict:
-        if cache is not None and int(cache.position.max()) > 0:
+        if cache is not None and cache.get_seq_length() > 0:
             # the cache has consumed everything but the newest token
             return {"input_ids": input_ids[:, -1:], "cache": cache, "use_cache": True}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}
