@@ -195,4 +195,47 @@ def test_the_log_prints_gpt_full_attention_as_w_full(env, tmp_path, capsys):
     assert "speed: " in out and "tokens/s in " in out  # the speed and precision, printed early
 
 
+def test_eval_is_bounded_by_eval_tokens_and_keeps_finished_lengths(env, tmp_path, capsys, monkeypatch):
+    """`eval` had no --eval-tokens (the typo hint pointed to --batch-tokens) and left nothing when interrupted."""
+    import json
+
+    import blockstate.evaluation.runner as runner
+
+    run = tmp_path / "run"
+    assert main([*base(env), "--steps", "2", "--no-final-eval", "--output", str(run)]) == 0
+    common = ["eval", str(run), "--split", "train", "--lengths", "16,32", "--no-progress"]
+    assert main([*common, "--eval-tokens", "3000", "--output", str(tmp_path / "some")]) == 0
+    assert main([*common, "--eval-tokens", "0", "--output", str(tmp_path / "all")]) == 0
+    capsys.readouterr()
+    some = json.loads((tmp_path / "some" / "eval_results.json").read_text())
+    every = json.loads((tmp_path / "all" / "eval_results.json").read_text())
+    (m_some,), (m_all,) = some["models"].values(), every["models"].values()
+    assert 1 <= m_some["documents"] < m_all["documents"] and some["complete"] and every["complete"]
+    assert m_some["results"][0]["tokens"] < m_all["results"][0]["tokens"]
+    assert "argument --eval-tokens" in one_line_error(capsys, [*common, "--eval-tokens", "-5"])
+
+    # Ctrl-C during the second length: the first one is on disk, marked incomplete
+    real, calls = runner.evaluate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", interrupted)
+    assert main([*common, "--output", str(tmp_path / "cut")]) == 130
+    cut = json.loads((tmp_path / "cut" / "eval_results.json").read_text())
+    assert not cut["complete"] and [r["length"] for r in next(iter(cut["models"].values()))["results"]] == [16]
+    assert "in progress" in (tmp_path / "cut" / "eval_results.md").read_text()
+
+
+def test_train_help_says_eval_tokens_counts_whole_documents(capsys):
+    for command in ("train", "eval"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--eval-tokens N" in text and "whole documents" in text and "may exceed N" in text, command
+
+
 # SIGKILL at a random step / SIGTERM then resume: tests/test_reliability_faults.py

@@ -18,7 +18,15 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="run or checkpoint directories")
     p.add_argument("--data", help="corpus (default: each checkpoint's training corpus)")
+    p.add_argument("--suffixes", metavar=".EXT,...", help="file suffixes read from a --data folder, e.g. .py,.md "
+                                                         "(default: what the checkpoint trained on, else .txt,.jsonl)")
+    p.add_argument("--text-field", metavar="NAME", help="the field of each .jsonl record that holds the text "
+                                                       "(default: the checkpoint's, else text)")
     p.add_argument("--split", default="test", help="train, validation or test (default test)")
+    p.add_argument("--eval-tokens", type=_eval_tokens, default=0, metavar="N",
+                   help="evaluate the first whole documents of the split up to N tokens (at least one document, "
+                        "so the first may exceed N), as train and compare do; e.g. 65536 or 64k; 0 = the whole "
+                        "split (default 0)")
     p.add_argument("--lengths", default=DEFAULT_LENGTHS,
                    help=f"evaluation lengths, tokens or multiples of the training length (default {DEFAULT_LENGTHS})")
     p.add_argument("--tokenizer", help="override the checkpoint's tokenizer (must have the model's vocabulary)")
@@ -36,7 +44,15 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.set_defaults(run=run)
 
 
+def _eval_tokens(text: str) -> int:
+    """``0`` (the whole split) or a count like train's ``--eval-tokens`` (``65536``, ``64k``)."""
+    from blockstate.cli.train import _count
+
+    return 0 if text.strip() == "0" else _count(text)
+
+
 def run(args: argparse.Namespace) -> int:
+    from blockstate.data.corpora import normalise_suffixes
     from blockstate.evaluation.runner import run_evaluation
 
     if args.stream is not None and args.stream < 1:
@@ -53,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     paths = run_evaluation(args.checkpoints, data=args.data, lengths=args.lengths, split=args.split,
                            tokenizer=args.tokenizer, output=args.output, batch_tokens=args.batch_tokens,
                            device=args.device, precision=args.precision, cache_dir=args.cache_dir,
-                           progress=not args.no_progress, stream_chunk=args.stream)
+                           progress=not args.no_progress, stream_chunk=args.stream, eval_tokens=args.eval_tokens,
+                           suffixes=normalise_suffixes(args.suffixes) if args.suffixes else None,
+                           text_field=args.text_field)
     print(paths["markdown"].read_text(encoding="utf-8").split("\nProtocol:")[0].strip())
     for kind, path in paths.items():
         print(f"{kind}: {path}")

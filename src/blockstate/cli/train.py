@@ -70,6 +70,10 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                                              "hf:<name> (default python-stdlib)")
     g.add_argument("--tokenizer", default=S, help="bytes, bpe, bpe:<vocab>, a SentencePiece .model, a saved "
                                                   "tokenizer directory (default bytes)")
+    g.add_argument("--suffixes", default=S, metavar=".EXT,...",
+                   help="file suffixes read from a corpus folder, e.g. .py,.md (default .txt,.jsonl)")
+    g.add_argument("--text-field", default=S, metavar="NAME",
+                   help="the field of each .jsonl record that holds the text (default text)")
     g.add_argument("--seq-len", type=int, default=S, help="training segment length L (default: the preset's)")
     g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=S,
                    help="pack documents into one stream (default: no, segments never mix documents)")
@@ -116,7 +120,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     g.add_argument("--parallel", choices=("none", "ddp", "fsdp"), default=S, help="under torchrun: ddp or fsdp")
     g.add_argument("--threads", type=int, default=S, help="torch CPU threads")
     g.add_argument("--eval-every", type=int, default=S, help="validation every N steps, 0 = at the end (250)")
-    g.add_argument("--eval-tokens", type=_count, default=S, help="validation tokens (whole documents; 65536)")
+    g.add_argument("--eval-tokens", type=_count, default=S, metavar="N",
+                   help="validate on the first whole documents of the validation split up to N tokens; documents "
+                        "are never cut, so at least one is used and the first may exceed N (default 65536)")
     g.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps, 0 = at the end (500)")
     g.add_argument("--keep-checkpoints", type=int, default=S, help="newest checkpoints kept (2)")
     g.add_argument("--log-every", type=int, default=S, help="metrics.jsonl line every N steps (10)")

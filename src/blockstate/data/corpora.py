@@ -37,7 +37,7 @@ from .common import (
     stable_hash,
 )
 from .corpus import Corpus, hash_split, unit_hash  # noqa: F401 (unit_hash: this module's API too)
-from .reading import DocRef, FileEntry, index_jsonl, probe_files, read_documents, walk_files
+from .reading import DocRef, FieldReport, FileEntry, index_jsonl, probe_files, read_documents, walk_files
 
 DEFAULT_SUFFIXES = (".txt", ".jsonl")
 
@@ -52,11 +52,14 @@ def _split_of(rel: str) -> str | None:
 
 
 def _file_corpus(name: str, root: Path, entries: list[FileEntry], stats: ReadStats,
-                 holdout: tuple[float, float], text_field: str, layout: bool, source: str) -> Corpus:
+                 holdout: tuple[float, float], text_field: str, layout: bool, source: str,
+                 report: FieldReport | None = None) -> Corpus:
     refs: list[DocRef] = []
     splits: dict[str, list[DocRef]] = {s: [] for s in SPLITS}
+    report = report if report is not None else FieldReport()
     for e in entries:
-        found = index_jsonl(e, stats) if e.rel.lower().endswith(".jsonl") else [DocRef(e.rel, e.size, e.path)]
+        found = (index_jsonl(e, stats, text_field, report) if e.rel.lower().endswith(".jsonl")
+                 else [DocRef(e.rel, e.size, e.path)])
         refs.extend(found)
         if layout:
             split = _split_of(e.rel)
@@ -67,24 +70,36 @@ def _file_corpus(name: str, root: Path, entries: list[FileEntry], stats: ReadSta
                 splits[split].extend(found)
     if not layout:
         splits = hash_split(refs, holdout)
-    fingerprint = stable_hash("files-v1", name, str(root), [(e.rel, e.size, e.mtime_ns) for e in entries],
+    # v2 for JSONL: bad records are left out when scanning, which can move documents between splits
+    version = "files-v2" if any(e.rel.lower().endswith(".jsonl") for e in entries) else "files-v1"
+    fingerprint = stable_hash(version, name, str(root), [(e.rel, e.size, e.mtime_ns) for e in entries],
                               holdout if not layout else "layout", text_field)
     corpus = Corpus(name, fingerprint, splits, stats,
                     lambda rs, st: read_documents(rs, st, text_field), source)
-    if stats.skipped() or stats.ignored:  # empty files and other suffixes are normal: info, not warning
+    if (stats.skipped() or stats.ignored) and refs:  # no refs: the error that follows says it all, in one line
+        # empty files and other suffixes are normal: info, not warning
         level = logging.WARNING if stats.skipped() > stats.empty else logging.INFO
-        logger.log(level, "corpus %s: skipped while scanning: %s", name, stats.summary())
+        hint = report.hint(text_field)
+        logger.log(level, "corpus %s: skipped while scanning: %s%s", name, stats.summary(),
+                   f" (JSONL {hint})" if hint else "")
     logger.info("corpus %s: %s", name, corpus)
     return corpus
 
 
-def _no_text_error(root: Path, stats: ReadStats, suffixes: tuple[str, ...], other: Counter[str]) -> DataError:
+def _no_text_error(root: Path, stats: ReadStats, suffixes: tuple[str, ...], other: Counter[str],
+                   report: FieldReport, text_field: str) -> DataError:
     found = [dataclasses.replace(stats, ignored=0).summary()] if stats.skipped() else []
     if other:
         found.append(f"{sum(other.values())} files with other suffixes ({', '.join(sorted(other)[:8])})")
     detail = f" (found: {'; '.join(found)})" if found else ""
+    if report.seen:  # JSONL objects were there, with the text under another name
+        return DataError(f"no usable text under {root}{detail}: the JSONL {report.hint(text_field)}")
+    if stats.bad_records and not stats.skipped() - stats.bad_records:
+        return DataError(f"no usable text under {root}{detail}: every JSONL line must be an object with a string "
+                         f"{text_field!r} field (--text-field names another field)")
+    fix = f"--suffixes {','.join(sorted(other)[:3])}" if other else "--suffixes .py,.md"
     return DataError(f"no usable text under {root}{detail}: the corpus needs non-empty UTF-8 "
-                     f"{'/'.join(suffixes)} files (pass suffixes=... for other extensions)")
+                     f"{'/'.join(suffixes)} files (pass {fix} for other extensions)")
 
 
 def _directory_corpus(root: Path, suffixes: tuple[str, ...], holdout: tuple[float, float],
@@ -101,9 +116,10 @@ def _directory_corpus(root: Path, suffixes: tuple[str, ...], holdout: tuple[floa
     stats.ignored += sum(other.values())
     entries = probe_files(candidates, stats)
     layout = root.is_dir() and any(_split_of(e.rel) for e in entries)
-    corpus = _file_corpus(str(root), root, entries, stats, holdout, text_field, layout, "files")
+    report = FieldReport()
+    corpus = _file_corpus(str(root), root, entries, stats, holdout, text_field, layout, "files", report)
     if not any(corpus._splits.values()):
-        raise _no_text_error(root, stats, suffixes, other)
+        raise _no_text_error(root, stats, suffixes, other, report, text_field)
     return corpus
 
 
@@ -145,6 +161,19 @@ BUILTIN_CORPORA: dict[str, Callable[[tuple[float, float] | None], Corpus]] = {
 }
 
 
+def normalise_suffixes(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``".py,md"`` or ``[".py", "md"]`` -> ``(".py", ".md")``; DataError for an empty or non-string entry."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise DataError(f"--suffixes must be comma-separated file suffixes such as .py,.md, got {value!r}")
+    out = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip().strip("."):
+            raise DataError(f"--suffixes must be comma-separated file suffixes such as .py,.md, got {value!r}")
+        out.append("." + item.strip().lower().lstrip("."))
+    return tuple(dict.fromkeys(out))
+
+
 def load_corpus(spec: str | Path, *, suffixes: tuple[str, ...] = DEFAULT_SUFFIXES, text_field: str = "text",
                 holdout: tuple[float, float] | None = None) -> Corpus:
     """Resolve a corpus name or path (see the module docstring) into a :class:`Corpus`.
@@ -177,7 +206,7 @@ def load_corpus(spec: str | Path, *, suffixes: tuple[str, ...] = DEFAULT_SUFFIXE
         return disk_corpus(root, text_field, holdout or (0.01, 0.01))
     if root.is_file() and not root.name.lower().endswith(suffixes):
         raise DataError(f"{root} is not a {'/'.join(suffixes)} file: pass a directory of text files, "
-                        "a .jsonl file or a dataset directory")
+                        f"a .jsonl file or a dataset directory (or --suffixes {root.suffix or '.EXT'} to read it)")
     return _directory_corpus(root.resolve() if root.is_dir() else root, tuple(s.lower() for s in suffixes),
                              holdout or (0.01, 0.01), text_field)
 

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import stat
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -114,8 +115,43 @@ def probe_files(candidates: Iterable[tuple[str, Path]], stats: ReadStats) -> lis
     return out
 
 
-def index_jsonl(entry: FileEntry, stats: ReadStats) -> list[DocRef]:
-    """One DocRef per non-blank line of a JSONL file (parsed later, when read)."""
+@dataclasses.dataclass
+class FieldReport:
+    """What the JSONL records without a string text field held instead: every key seen (``seen``) and the keys
+    with a string value (``text_like``, the candidates for ``--text-field``), counted over whole files."""
+
+    seen: Counter[str] = dataclasses.field(default_factory=Counter)
+    text_like: Counter[str] = dataclasses.field(default_factory=Counter)
+
+    def hint(self, field: str) -> str:
+        """``records have no string field 'text' (fields found: body, id): pass --text-field body``, or ""."""
+        if not self.seen:
+            return ""
+        names = ", ".join(k for k, _ in self.seen.most_common(12))
+        fix = (f"pass --text-field {self.text_like.most_common(1)[0][0]}" if self.text_like else
+               "pass --text-field NAME with the field that holds the text")
+        return f"records have no string field {field!r} (fields found: {names}): {fix}"
+
+
+def _record_ok(line: bytes, field: str, report: FieldReport | None) -> bool:
+    """Whether a JSONL line is an object with a string ``field`` (invalid UTF-8 is counted later, when read)."""
+    try:
+        obj = json.loads(line.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        return False
+    if isinstance(obj, dict) and isinstance(obj.get(field), str):
+        return True
+    if isinstance(obj, dict) and report is not None:
+        report.seen.update(str(k) for k in obj)
+        report.text_like.update(str(k) for k, v in obj.items() if isinstance(v, str))
+    return False
+
+
+def index_jsonl(entry: FileEntry, stats: ReadStats, text_field: str = "text",
+                report: FieldReport | None = None) -> list[DocRef]:
+    """One DocRef per record of a JSONL file with a string ``text_field``. The other non-blank lines are counted
+    as ``bad_records`` here, once over the whole file (not per split, as when they were found only when read),
+    and what they held instead goes to ``report``."""
     refs = []
     try:
         data = _read_bytes(entry.path)
@@ -125,7 +161,10 @@ def index_jsonl(entry: FileEntry, stats: ReadStats) -> list[DocRef]:
     offset = 0
     for lineno, line in enumerate(data.splitlines(keepends=True), start=1):
         if line.strip():
-            refs.append(DocRef(f"{entry.rel}#{lineno}", len(line), entry.path, offset, len(line)))
+            if _record_ok(line, text_field, report):
+                refs.append(DocRef(f"{entry.rel}#{lineno}", len(line), entry.path, offset, len(line)))
+            else:
+                stats.bad_records += 1
         offset += len(line)
     return refs
 

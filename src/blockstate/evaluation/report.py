@@ -48,22 +48,32 @@ def markdown_table(models: dict[str, dict[str, Any]]) -> str:
 
 
 def write_report(models: dict[str, dict[str, Any]], results: dict[str, list[EvalResult]], out_dir: Path,
-                 split: str, data: str) -> dict[str, Path]:
-    """``models[name]`` holds metadata (checkpoint, tokenizer, train_length); ``results[name]`` its results."""
+                 split: str, data: str, complete: bool = True) -> dict[str, Path]:
+    """``models[name]`` holds metadata (checkpoint, tokenizer, train_length); ``results[name]`` its results.
+    ``complete=False``: a report of the lengths finished so far (JSON and markdown only, the plots come last)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload: dict[str, Any] = {"data": data, "split": split, "protocol": PROTOCOL, "models": {}}
+    payload: dict[str, Any] = {"data": data, "split": split, "protocol": PROTOCOL, "complete": complete,
+                               "models": {}}
     for name, meta in models.items():
         payload["models"][name] = {**meta, "results": [r.summary() for r in results[name]],
                                    "loss_by_position": {str(r.length): binned_positions(r) for r in results[name]}}
     paths = {"json": out_dir / "eval_results.json", "markdown": out_dir / "eval_results.md",
              "lengths_png": out_dir / "ppl_vs_length.png", "positions_png": out_dir / "loss_by_position.png"}
-    paths["json"].write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    _replace(paths["json"], json.dumps(payload, indent=1) + "\n")  # never a half-written report
     table = markdown_table(payload["models"])
-    paths["markdown"].write_text(f"# Evaluation on {data} ({split} split)\n\n{table}\nProtocol: {PROTOCOL}\n",
-                                 encoding="utf-8")
+    status = "" if complete else " - in progress, the lengths finished so far"
+    _replace(paths["markdown"], f"# Evaluation on {data} ({split} split){status}\n\n{table}\nProtocol: {PROTOCOL}\n")
+    if not complete:
+        return {k: v for k, v in paths.items() if k in ("json", "markdown")}
     plot_lengths(payload["models"], paths["lengths_png"])
     plot_positions(payload["models"], paths["positions_png"])
     return paths
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _plt():

@@ -95,7 +95,7 @@ def load_checkpoint(path: str | Path, tokenizer: str | None = None, device: torc
         raise ValueError(f"{ckpt} has no saved tokenizer (no tokenizer_config.json) and its vocab_size {vocab} is not "
                          "the bytes tokenizer's 257: pass --tokenizer (the directory or .model file it was trained "
                          "with)")
-    if tok.vocab_size > vocab:  # fewer is fine (an embedding padded to a round size); more would index past it
+    if tok.vocab_size != vocab:
         raise ValueError(f"the tokenizer saved in {ckpt} has {tok.vocab_size} ids but the model has vocab_size "
                          f"{vocab}: "
                          "the directory mixes two runs; pass --tokenizer, or use a checkpoint of one run")
@@ -184,38 +184,63 @@ def _model_name(config: Any) -> str:
 def run_evaluation(checkpoints: list[str], *, data: str | None, lengths: str, split: str = "test",
                    tokenizer: str | None = None, output: str | None = None, batch_tokens: int = 16384,
                    device: str = "auto", precision: str = "auto", cache_dir: str | None = None,
-                   progress: bool = True, log: Any = print, stream_chunk: int | None = None) -> dict[str, Path]:
+                   progress: bool = True, log: Any = print, stream_chunk: int | None = None,
+                   eval_tokens: int = 0, suffixes: tuple[str, ...] | None = None,
+                   text_field: str | None = None) -> dict[str, Path]:
+    """Evaluate every checkpoint at every length and write the report.
+
+    ``eval_tokens`` > 0 keeps the first whole documents of the split up to that many tokens (at least one
+    document, so the first may exceed it), as ``train --eval-tokens`` and ``compare --eval-tokens`` do; 0 = the
+    whole split. ``suffixes`` / ``text_field`` read a folder corpus (default: what the checkpoint trained with).
+    The JSON and markdown report is rewritten after every finished length, so an interrupted evaluation keeps
+    the lengths it finished (``"complete": false``); the plots are drawn at the end.
+    """
     from blockstate.data import load_corpus, tokenize_split
+    from blockstate.evaluation.evaluate import head_documents
     from blockstate.training.distributed import pick_device
     from blockstate.training.steps import autocast_factory
 
+    if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 0:
+        raise ValueError(f"--eval-tokens must be >= 0 (0 = the whole split), got {eval_tokens!r}")
     dev = pick_device(device)
     autocast = autocast_factory(precision, dev)
     loaded = [load_checkpoint(c, tokenizer, dev, cache_dir, data) for c in checkpoints]
+    plans = [parse_lengths(lengths, lm.train_length) for lm in loaded]  # bad --lengths fail before any work
+    out = Path(output) if output else (loaded[0].path.parent.parent / "eval" if loaded[0].path.parent.name ==
+                                      "checkpoints" else Path("eval"))
     names: dict[str, int] = {}
     models: dict[str, dict[str, Any]] = {}
     results: dict[str, list[EvalResult]] = {}
     corpora: dict[str, Any] = {}
     used_data = None
-    for lm in loaded:
+    for lm, plan in zip(loaded, plans, strict=True):
         data_spec = data or lm.train_config.get("data")
         if not data_spec:
             raise ValueError(f"{lm.path} does not record its training data: pass --data (a corpus name or path)")
         used_data = used_data or data_spec
-        if data_spec not in corpora:
-            corpora[data_spec] = load_corpus(data_spec)
-        split_data = tokenize_split(corpora[data_spec], lm.tokenizer, split, cache_dir=cache_dir)
+        options: dict[str, Any] = {"text_field": text_field or lm.train_config.get("text_field") or "text"}
+        if suffixes or lm.train_config.get("suffixes"):
+            options["suffixes"] = tuple(suffixes or lm.train_config["suffixes"])
+        corpus_key = repr((data_spec, sorted(options.items())))
+        if corpus_key not in corpora:
+            corpora[corpus_key] = load_corpus(data_spec, **options)
+        split_data = tokenize_split(corpora[corpus_key], lm.tokenizer, split, cache_dir=cache_dir)
+        if eval_tokens:
+            split_data = head_documents(split_data, eval_tokens)
         key = lm.name if lm.name not in names else f"{lm.name} #{names[lm.name] + 1}"
         names[lm.name] = names.get(lm.name, 0) + 1
-        res = []
-        for length in parse_lengths(lengths, lm.train_length):
+        models[key] = {"checkpoint": str(lm.path), "tokenizer": getattr(lm.tokenizer, "kind", "?"),
+                       "vocab_size": lm.tokenizer.vocab_size, "train_length": lm.train_length, "data": data_spec,
+                       "documents": split_data.num_documents, "eval_tokens": eval_tokens,
+                       "parameters": sum(p.numel() for p in lm.model.parameters())}
+        results[key] = res = []
+        for length in plan:
             t0 = time.perf_counter()
             r = evaluate(lm.model, split_data, length, batch_tokens=batch_tokens, device=dev, autocast=autocast,
                          progress=progress)
             res.append(r)
             log(format_results(key, [r], lm.train_length) + f" [{time.perf_counter() - t0:.1f}s]")
-        results[key] = res
-        stream = None
+            write_report(models, results, out, split, used_data, complete=False)  # a Ctrl-C keeps this length
         if stream_chunk:  # whole documents, left context unbounded, state carried chunk to chunk
             from blockstate.evaluation.streaming import evaluate_streaming
 
@@ -223,11 +248,5 @@ def run_evaluation(checkpoints: list[str], *, data: str | None, lengths: str, sp
             stream = evaluate_streaming(lm.model, split_data, stream_chunk)
             log(f"{key} streamed whole documents (chunks of {stream['chunk']}): ppl {stream['ppl']:.3f}, "
                 f"{stream['bpb']:.4f} bits/byte over {stream['tokens']:,} tokens [{time.perf_counter() - t0:.1f}s]")
-        models[key] = {"checkpoint": str(lm.path), "tokenizer": getattr(lm.tokenizer, "kind", "?"),
-                       "vocab_size": lm.tokenizer.vocab_size, "train_length": lm.train_length, "data": data_spec,
-                       "parameters": sum(p.numel() for p in lm.model.parameters())}
-        if stream is not None:
             models[key]["stream"] = stream
-    out = Path(output) if output else (loaded[0].path.parent.parent / "eval" if loaded[0].path.parent.name ==
-                                      "checkpoints" else Path("eval"))
     return write_report(models, results, out, split, used_data or "?")

@@ -46,6 +46,8 @@ class TrainConfig:
     # data
     data: str = "python-stdlib"
     tokenizer: str = "bytes"
+    suffixes: list[str] | None = None  # file suffixes read from a corpus folder; None: .txt and .jsonl
+    text_field: str = "text"  # the field of a .jsonl record that holds the document
     seq_len: int | None = None  # training segment length L; None = the preset's max_train_length
     packing: bool = False
     # models that carry state (slide, transformer-xl, brect) read lanes of consecutive segments: 0 = each lane
@@ -102,12 +104,18 @@ class TrainConfig:
         """Raise ValueError naming the field, the value and what is allowed; returns self."""
         # types first: a YAML file can hold anything (lr: "fast", packing: "yes"), and a wrong type would
         # otherwise fail later as a TypeError deep in the run
-        for name in ("packing", "final_eval", "progress"):
+        for name in ("packing", "final_eval", "progress", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         for name in ("model", "size", "data", "tokenizer", "optimizer", "schedule", "precision", "device", "parallel"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ValueError(f"--text-field must be a field name, got {self.text_field!r}")
+        if self.suffixes is not None:
+            from blockstate.data.corpora import normalise_suffixes
+
+            self.suffixes = list(normalise_suffixes(self.suffixes))
         for name in ("output", "cache_dir", "sample_prompt"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
@@ -173,6 +181,13 @@ class TrainConfig:
         if tokens is not None:
             return max(1, math.ceil(tokens / tokens_per_step))
         return None
+
+    def corpus_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``load_corpus`` for ``data``: --suffixes and --text-field."""
+        options: dict[str, Any] = {"text_field": self.text_field}
+        if self.suffixes is not None:
+            options["suffixes"] = tuple(self.suffixes)
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

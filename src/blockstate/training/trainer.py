@@ -148,7 +148,7 @@ class Trainer:
 
     def _data(self, info: D.DistInfo):
         cfg = self.cfg
-        corpus = load_corpus(cfg.data)
+        corpus = load_corpus(cfg.data, **cfg.corpus_options())
         # rank 0 tokenises (and trains a BPE) first; the others then read its cache
         if not info.is_main:
             D.barrier(info)
