@@ -36,7 +36,8 @@ VALUE_OPS = {"_local_scalar_dense", "equal", "nonzero", "masked_select", "_uniqu
              "unique_consecutive", "unique_dim_consecutive", "bincount", "histc"}
 INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 COPY_OPS = {"_to_copy", "copy_"}
-FACTORIES = {"tensor", "as_tensor", "full", "zeros", "ones", "empty", "arange"}
+FACTORIES = {"tensor", "as_tensor", "full", "zeros", "ones", "empty", "arange", "linspace", "logspace", "eye",
+             "rand", "randn", "randint", "randperm"}
 
 
 def _where() -> str:
@@ -49,7 +50,8 @@ class _Residency(TorchFunctionMode):
     """The simulated accelerator's notion of where a tensor lives, from the Python-level calls (which the
     dispatcher no longer distinguishes on CPU): a factory called without ``device=`` makes a host tensor, as do
     ``.cpu()`` and ``.to("cpu")`` (a device-to-host copy: counted as a sync when the input is on the device);
-    ``.to(some_device)`` makes a device tensor."""
+    ``.to(some_device)`` makes a device tensor (a blocking host-to-device copy, also a sync on CUDA, is counted;
+    ``non_blocking=True`` is not)."""
 
     def __init__(self, counter: SyncCounter):
         super().__init__()
@@ -71,6 +73,8 @@ class _Residency(TorchFunctionMode):
                     out = out.clone()
                 host[out] = True
             elif isinstance(target, torch.device) and not self.counter.on_device(args[0]):  # host -> device
+                if not kwargs.get("non_blocking", False):
+                    self.counter.hits[("blocking host-to-device copy", _where())] += 1
                 if out is args[0]:
                     out = out.clone()
                 host.pop(out, None)
@@ -216,6 +220,21 @@ def test_counter_sees_syncs(monkeypatch):
         seen[name] += count
     assert seen == Counter({"_local_scalar_dense": 1, "index": 1, "nonzero": 1, "_unique2": 1, "equal": 1,
                             "repeat_interleave": 1}), dict(counter.hits)
+
+
+def test_counter_sees_copies(monkeypatch):
+    """Blocking copies between host and device are syncs; a non-blocking upload is not."""
+    counter = counting(monkeypatch)
+    with counter:
+        on_host = torch.linspace(0, 1, 3)  # no device=: a host tensor
+        on_host.to(DEVICE)
+        on_host.to(DEVICE, non_blocking=True)
+        torch.zeros(3, device=DEVICE).cpu()
+    names = sorted(name for name, _ in counter.hits.elements())
+    if counter.simulated:
+        assert names == ["blocking host-to-device copy", "device-to-host copy"], dict(counter.hits)
+    else:
+        assert len(names) == 2 and set(names) <= {"_to_copy", "copy_"}, dict(counter.hits)
 
 
 def test_out_of_range_ids_still_raise_on_the_host():
