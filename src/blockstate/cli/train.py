@@ -1,4 +1,4 @@
-"""``blockstate train``: train a model (defaults: the tiny BST on python-stdlib, bytes, ~10 minutes on 2 CPUs).
+"""``blockstate train``: train a model (defaults: the tiny BST on python-stdlib, bytes, 3M tokens, ~10 min on 2 CPUs).
 
 Settings come from the defaults, then ``--config FILE`` (YAML or JSON, keys = the long flag names), then the
 flags. Distributed: ``torchrun --nproc_per_node=N -m blockstate train ... --parallel ddp|fsdp``.
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     from blockstate.training.config import DEFAULT_TOKENS, OPTIMIZERS, PRECISIONS, SCHEDULES
     from blockstate.training.model_factory import known_models
 
-    p = sub.add_parser(name, help="train a language model (default: tiny BST on python-stdlib, ~10 min on CPU)",
+    p = sub.add_parser(name, help="train a language model (default: tiny BST on python-stdlib, 3M tokens)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="YAML/JSON file of settings (flags override it)")
     p.add_argument("--resume", nargs="?", const=True, metavar="DIR",
