@@ -66,8 +66,8 @@ def train_goals(payload: dict[str, Any]) -> list[str]:
         if slide:
             parts.append(f"{r['tokens_per_s'] / slide['tokens_per_s']:.2f}x Slide's tokens/s (goal >= 0.9)")
         if r.get("checkpointing_saves_mib") is not None:
-            parts.append(f"gradient checkpointing saves {r['checkpointing_saves_mib']:,.0f} of "
-                         f"{r['peak_mib']:,.0f} MiB peak")
+            parts.append(f"peak step memory {r['peak_mib']:,.0f} MiB, {r['checkpointed_peak_mib']:,.0f} MiB with "
+                         f"gradient checkpointing")
         out.append(f"  {REFERENCE} at {_label(n)}: " + ", ".join(parts))
     return out
 
