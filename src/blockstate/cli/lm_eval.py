@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 HELP = ("run lm-eval-harness with blockstate models registered (--model blockstate --model_args "
         "pretrained=RUN_DIR); every argument after lm-eval is lm-eval's")
@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from lm_eval.__main__ import cli_evaluate
+        from lm_eval._cli import HarnessCLI
+        from lm_eval.utils import setup_logging
     except ImportError as exc:
         raise ValueError(f"lm-eval is not installed ({exc}): pip install -e '.[eval]' (or 'lm-eval>=0.4,<0.5')") \
             from None
@@ -54,15 +55,32 @@ def run(args: argparse.Namespace) -> int:
     from blockstate.evaluation.lm_eval import register as register_model
 
     register_model()
+    setup_logging()
+    cli = HarnessCLI()  # what lm-eval's own entry point (lm_eval.__main__.cli_evaluate) runs
+    for parser in _parsers(cli._parser):
+        parser.error = _one_line_error  # a usage error is one line with code 2, as for every blockstate command
     argv = sys.argv
     sys.argv = ["lm-eval", *args.lm_eval_args]  # lm-eval's parser reads sys.argv
     try:
-        cli_evaluate()
-    except SystemExit as exc:  # lm-eval's --help and its usage errors
+        cli.execute(cli.parse_args())
+    except SystemExit as exc:  # lm-eval's --help
         return _code(exc.code)
     finally:
         sys.argv = argv
     return 0
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                out += _parsers(child)
+    return out
+
+
+def _one_line_error(message: str) -> NoReturn:
+    raise ValueError(f"{message} (see blockstate lm-eval run --help)")
 
 
 def _code(code: Any) -> int:
