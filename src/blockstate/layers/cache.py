@@ -58,17 +58,19 @@ class BlockStateCache:
     position: torch.Tensor  # (B,) tokens consumed per row
     layers: list[LayerCache] = field(default_factory=list)
     host_position: torch.Tensor | None = None  # the same on the CPU, kept alongside: read without a sync
+    # the position tensor the mirror belongs to: assigning ``position`` directly makes the mirror stale, and it is
+    # then read again from the device, never used
+    _host_of: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def positions_on_host(self) -> torch.Tensor:
         """The positions as a CPU tensor (the mirror when it is current, else one read from the device)."""
-        host = self.host_position
-        if host is None or host.shape != self.position.shape:
-            host = self.host_position = self.position.cpu()
-        return host
+        if self.host_position is None or self._host_of is not self.position:
+            self.host_position, self._host_of = self.position.cpu(), self.position
+        return self.host_position
 
     def set_position(self, position: torch.Tensor, host: torch.Tensor | None = None) -> None:
         """New positions, with their host mirror when the caller knows it (else it is read once, lazily)."""
-        self.position, self.host_position = position, host
+        self.position, self.host_position, self._host_of = position, host, position
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.positions_on_host().max()) if self.position.numel() else 0
@@ -77,15 +79,16 @@ class BlockStateCache:
         self.index_select(beam_idx)
 
     def index_select(self, index: torch.Tensor) -> None:
-        self.host_position = None  # read again when needed (beam search reorders with a device index)
+        # the mirror goes stale with the new position tensor: read again when needed (beam search's index
+        # lives on the device)
         self.position = self.position.index_select(0, index.to(self.position.device))
         for layer in self.layers:
             layer.map_batch(lambda t: t.index_select(0, index.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.host_position is not None:
-            self.host_position = self.host_position.repeat_interleave(repeats, 0)
-        self.position = self.position.repeat_interleave(repeats, 0)
+        current = self.host_position is not None and self._host_of is self.position
+        host = self.host_position.repeat_interleave(repeats, 0) if current else None
+        self.set_position(self.position.repeat_interleave(repeats, 0), host)
         for layer in self.layers:
             layer.map_batch(lambda t: t.repeat_interleave(repeats, 0))
 
