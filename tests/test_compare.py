@@ -45,7 +45,7 @@ def test_compare_writes_table_json_png_and_a_rerun_skips_finished_models(corpus,
     assert (out / "compare.png").stat().st_size > 0 and (out / "compare-position.png").stat().st_size > 0
     assert "training 2,048 tokens" in first
 
-    ckpts = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("model.safetensors")}
+    ckpts = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("checkpoints/*/model.safetensors")}
     assert len(ckpts) == 2
     assert main(argv(corpus, tmp_path)) == 0
     again = capsys.readouterr().out

@@ -49,14 +49,18 @@ def read_prompt(args: argparse.Namespace, accepts_bytes: bool) -> str | bytes:
             raise OSError(f"--prompt-file {args.prompt_file} cannot be read ({exc.strerror}): pass a readable "
                           "file") from None
         return raw if accepts_bytes else raw.decode("utf-8", errors="replace")
-    prompt = args.prompt
+    check_prompt(args.prompt)
+    return args.prompt
+
+
+def check_prompt(prompt: str) -> None:
+    """Refuse a --prompt that is not UTF-8 (argv bytes that are not UTF-8 arrive as lone surrogates)."""
     try:
         prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:  # argv bytes that are not UTF-8 arrive as lone surrogates
+    except UnicodeEncodeError as exc:
         bad = prompt[exc.start].encode("utf-8", "surrogateescape")
         raise ValueError(f"--prompt is not valid UTF-8 (byte 0x{bad.hex()} at character {exc.start}): pass UTF-8 "
                          "text, or put raw bytes in a file and pass --prompt-file") from None
-    return prompt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
                          top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                          seed=args.seed)
     cfg.validate()
+    check_prompt(args.prompt)  # before the model loads: a bad flag fails at once
     device = pick_device(args.device)  # --device cuda without a GPU: one line naming the flag
     loaded = load_checkpoint(args.checkpoint, tokenizer=args.tokenizer, device=device)
     prompt = read_prompt(args, bool(getattr(loaded.tokenizer, "accepts_bytes", False)))

@@ -189,18 +189,22 @@ class BlockStateTokenizerConfig(PretrainedConfig):
     model_type = "blockstate-tokenizer"
 
 
+class BlockStateSentencePieceTokenizerConfig(PretrainedConfig):
+    """The same, for the SentencePiece class (one tokenizer class per key)."""
+
+    model_type = "blockstate-sentencepiece-tokenizer"
+
+
 _registered = False
 
 
 def register() -> None:
-    """Make ``AutoTokenizer.from_pretrained(dir)`` find both classes (called by ``import blockstate``)."""
+    """Make ``AutoTokenizer.from_pretrained(dir)`` find both classes by the ``tokenizer_class`` of
+    ``tokenizer_config.json`` (called by ``import blockstate``; public API only)."""
     global _registered
     if _registered:
         return
     AutoTokenizer.register(BlockStateTokenizerConfig, tokenizer_class=BlockStateBytesTokenizer, exist_ok=True)
-    from transformers.models.auto import tokenization_auto
-
-    # the public register() keys one tokenizer per config class; the SentencePiece class is found by name
-    tokenization_auto.REGISTERED_TOKENIZER_CLASSES[BlockStateSentencePieceTokenizer.__name__] = (
-        BlockStateSentencePieceTokenizer)
+    AutoTokenizer.register(BlockStateSentencePieceTokenizerConfig, tokenizer_class=BlockStateSentencePieceTokenizer,
+                           exist_ok=True)
     _registered = True
