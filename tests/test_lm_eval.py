@@ -194,3 +194,34 @@ def test_unavailable_arguments_are_one_line(capsys):
 
     assert main(["lm-eval", "--help"]) == 0
     assert "--model blockstate" in capsys.readouterr().out
+
+
+class Request:  # what lm-eval hands a model: ``args`` of one request
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.mark.parametrize("name", ["gss-hybrid", "brect"])
+def test_other_models_in_process(name, tmp_path):
+    """The wrapper on a baseline with its own inference path (GSS's recurrence; BRecT, whose cache takes no
+    padding, so its prompts are batched by length): batched scores and generations equal one request at a time."""
+    from blockstate.evaluation.lm_eval import BlockStateLM
+
+    torch.manual_seed(0)
+    tok = BytesTokenizer()
+    overrides = {"gss-hybrid": dict(gss_hidden_size=64, gss_narrow_size=8, attention_layers=[1]),
+                 "brect": dict(num_state_vectors=4, recurrent_layers=[1])}[name]
+    model = create_model(name, size="tiny", vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64, block_size=8, max_train_length=32, **overrides)
+    model.eval().save_pretrained(tmp_path)
+    tok.save(tmp_path / "tokenizer")
+    lm = BlockStateLM(str(tmp_path), device="cpu", batch_size=3, max_length=MAX_LENGTH)
+    one = BlockStateLM(str(tmp_path), device="cpu", batch_size=1, max_length=MAX_LENGTH)
+    pairs = [Request(c["context"], choice) for c in CHOICES for choice in c["choices"]]
+    batched, alone = lm.loglikelihood(pairs), one.loglikelihood(pairs)
+    assert max(abs(a[0] - b[0]) for a, b in zip(batched, alone)) < 1e-4
+    (context,) = project_nll(lm.model, [CHOICES[0]["context"]], 64)
+    (full,) = project_nll(lm.model, [CHOICES[0]["context"] + CHOICES[0]["choices"][0]], 64)
+    assert abs((context - full) - batched[0][0]) < 1e-4
+    gen = [Request(p["prompt"], {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}) for p in PROMPTS]
+    assert lm.generate_until(gen) == one.generate_until(gen)
