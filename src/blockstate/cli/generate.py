@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                        description=__doc__, formatter_class=_Formatter)
     p.add_argument("checkpoint", help="a run directory, a checkpoint directory or a save_pretrained directory")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="", help="prompt text (empty: the start of a new document)")
+    src.add_argument("--prompt", default="", help="prompt text (default: empty, the start of a new document)")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this file (long prompts; raw bytes are "
                      "kept for a bytes model)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
@@ -29,13 +29,20 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto = cuda when a GPU is visible, else cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--tokenizer", default=None, help="override the run's own tokenizer (bytes, a directory...)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--tokenizer", default=None,
+                   help="use this tokenizer instead of the run's own (bytes, a directory...)")
     p.set_defaults(run=run)
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module doc as written, and every flag's default in --help."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The module doc as written, and every flag's default in --help (flags off by default say so in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, "", False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
 
 
 def read_prompt(args: argparse.Namespace, accepts_bytes: bool) -> str | bytes:
