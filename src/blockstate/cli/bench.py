@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from blockstate.cli.formatting import DefaultsFormatter
+
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help="speed and memory benchmarks (tables + JSON + PNG)")
@@ -18,7 +20,7 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                          description="Per-token decoding latency (median of timed runs) and streaming-cache memory "
                          "after a prefill of each --contexts length, every model interleaved in one run; writes "
                          "benchmarks/results/generation.{json,png}.",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=DefaultsFormatter)
     generation.add_arguments(g)
     g.set_defaults(run=run_generate)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 
+from blockstate.cli.formatting import DefaultsFormatter
+
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help="build a BST model and run a forward/backward pass",
                        description="Build a BST preset on random ids, report its size, and run one forward pass and "
                        "one training step (a smoke test of the installation; no data, nothing written).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--size", default="tiny")
     p.add_argument("--variant", default="sh", help="sh | mh | mf")
     p.add_argument("--kernel", default="s4d", help="s4d | unstructured | explicit")

@@ -12,10 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from blockstate.cli.formatting import RawDefaultsFormatter
+
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help="generate text from a run or checkpoint, streamed (constant memory for S4D models)",
-                       description=__doc__, formatter_class=_Formatter)
+                       description=__doc__, formatter_class=RawDefaultsFormatter)
     p.add_argument("checkpoint", help="a run directory, a checkpoint directory or a save_pretrained directory")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help="prompt text (default: empty, the start of a new document)")
@@ -33,16 +35,6 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="use this tokenizer instead of the run's own (bytes, a directory...)")
     p.set_defaults(run=run)
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """The module doc as written, and every flag's default in --help (flags off by default say so in words)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.option_strings and action.default not in (None, "", False, argparse.SUPPRESS):
-            text += " (default: %(default)s)"
-        return text
 
 
 def read_prompt(args: argparse.Namespace, accepts_bytes: bool) -> str | bytes:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from blockstate.cli.formatting import DefaultsFormatter
+
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help="list every registered model with its parameter count per size",
                        description="List every registered model (BST variants and the baselines) with its parameter "
                        "count at each size; any name here is a valid --model of blockstate train.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--size", action="append", help="only these sizes (repeatable); default: all")
     p.add_argument("--model", action="append", help="only these models (repeatable); default: all")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from blockstate.cli.formatting import DefaultsFormatter
+
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help="list model presets with their parameter counts",
                        description="List the parameter count of every preset size x BST variant x kernel.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--size", action="append", help="only these sizes (repeatable); default: all")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)
