@@ -95,7 +95,7 @@ def load_checkpoint(path: str | Path, tokenizer: str | None = None, device: torc
         raise ValueError(f"{ckpt} has no saved tokenizer (no tokenizer_config.json) and its vocab_size {vocab} is not "
                          "the bytes tokenizer's 257: pass --tokenizer (the directory or .model file it was trained "
                          "with)")
-    if tok.vocab_size != vocab:
+    if tok.vocab_size > vocab:  # fewer is fine (an embedding padded to a round size); more would index past it
         raise ValueError(f"the tokenizer saved in {ckpt} has {tok.vocab_size} ids but the model has vocab_size "
                          f"{vocab}: "
                          "the directory mixes two runs; pass --tokenizer, or use a checkpoint of one run")
