@@ -121,8 +121,9 @@ class ImplicitKernel(nn.Module):
             # function of t, and fp32 features meet same-dtype weights
             weights = {name: p.float() for name, p in self.mlp.named_parameters()}
             k = torch.func.functional_call(self.mlp, weights, (z,)).t()  # (D*C, L)
-            with torch.device(device):  # made on the device: a blocking host-to-device copy is a sync per step
-                rates = decay_rates(self.channels * self.filters)
+            # made on the device: a blocking host-to-device copy is a sync per step (and the device= argument, unlike
+            # a torch.device context, keeps the kernel inside one torch.compile graph)
+            rates = decay_rates(self.channels * self.filters, device=device)
             k = k * exponential_decay(length, self.max_train_length, rates)
         return k.reshape(self.channels, self.filters, length)
 

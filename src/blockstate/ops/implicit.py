@@ -27,12 +27,13 @@ def positional_features(length: int, max_train_length: int, num_bands: int, devi
     return torch.cat([t[:, None], angle.cos(), angle.sin()], dim=-1)
 
 
-def decay_rates(h: int, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5, target: float = 1e-2):
+def decay_rates(h: int, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5, target: float = 1e-2,
+                device: torch.device | str | None = None) -> torch.Tensor:
     """Per-filter rates alpha: the slowest filter falls to ``target`` at t = slow_decay_pct, the fastest at
-    t = fast_decay_pct (Hyena's exponential modulation); spread linearly between."""
+    t = fast_decay_pct (Hyena's exponential modulation); spread linearly between. Made on ``device``."""
     slow = -math.log(target) / slow_decay_pct
     fast = -math.log(target) / fast_decay_pct
-    return torch.linspace(slow, fast, h)
+    return torch.linspace(slow, fast, h, device=device)
 
 
 def exponential_decay(length: int, max_train_length: int, rates: torch.Tensor) -> torch.Tensor:
