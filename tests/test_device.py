@@ -94,7 +94,9 @@ def test_save_load_round_trip(name, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).to(DEVICE).eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        exact = DEVICE.type == "cpu"  # same weights, same kernels: bit-equal on CPU, to rounding elsewhere
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0 if exact else 1e-5,
+                                   atol=0 if exact else 1e-5)
 
 
 @pytest.mark.parametrize("name", list_models())

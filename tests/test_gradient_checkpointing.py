@@ -12,6 +12,9 @@ from blockstate.models.modeling_blockstate import enable_gradient_checkpointing
 from blockstate.registry import create_model, list_models
 
 DEVICE = torch.device(os.environ.get("BLOCKSTATE_TEST_DEVICE", "cpu"))
+# CPU kernels are deterministic, so the recomputation matches to rounding; CUDA attention backward kernels sum
+# with atomics, so two plain backwards already differ in the last bits there
+TOLERANCE = dict(rtol=1e-5, atol=1e-7) if DEVICE.type == "cpu" else dict(rtol=1e-4, atol=1e-6)
 
 
 def gradients(model, ids, **kwargs) -> dict[str, torch.Tensor]:
@@ -54,7 +57,7 @@ def test_checkpointed_gradients_equal_plain(name):
     assert calls[0] == model.config.num_hidden_layers
     assert plain.keys() == checkpointed.keys()
     for key, grad in plain.items():
-        torch.testing.assert_close(checkpointed[key], grad, rtol=1e-5, atol=1e-7, msg=key)
+        torch.testing.assert_close(checkpointed[key], grad, **TOLERANCE, msg=key)
 
     if carry is not None:  # a continued segment (carried keys/values, recurrent state) checkpoints the same
         torch.manual_seed(2)
@@ -63,7 +66,7 @@ def test_checkpointed_gradients_equal_plain(name):
         torch.manual_seed(2)
         reference = gradients(model, ids, carry=carry)
         for key, grad in reference.items():
-            torch.testing.assert_close(with_carry[key], grad, rtol=1e-5, atol=1e-7, msg=key)
+            torch.testing.assert_close(with_carry[key], grad, **TOLERANCE, msg=key)
 
 
 def test_checkpointing_is_off_in_eval_and_inference():
