@@ -188,16 +188,9 @@ def test_real_processes_exit_with_one_line(tmp_path):
 def test_ctrl_c_while_importing_is_one_line_with_code_130(tmp_path):
     """Ctrl-C while torch loads (before main runs) printed a 51-line traceback."""
     import signal
-    import time
 
-    # the real command, interrupted half a second in: still importing torch (it takes seconds)
-    proc = subprocess.Popen([sys.executable, "-m", "blockstate", "presets"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip() == "blockstate: interrupted (Ctrl-C)", (proc.returncode, err)
-    # deterministic: an import that waits for the signal, in a process that is the blockstate command
+    # An import that waits for the signal, in a process that is the blockstate command (the real command
+    # interrupted after a fixed delay was flaky under load: the signal could land before the package was imported)
     (tmp_path / "slow_module.py").write_text("import sys, time\nprint('importing', flush=True)\ntime.sleep(120)\n")
     code = (f"import sys; sys.argv[0] = 'blockstate'; sys.path.insert(0, {str(tmp_path)!r}); "
             "import blockstate, slow_module")
