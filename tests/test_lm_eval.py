@@ -189,7 +189,7 @@ def test_generation_equals_greedy_generate(harness_run, checkpoint):
         assert row["resps"][0][0] == expected, (row["resps"], expected)
 
 
-def test_unavailable_arguments_are_one_line(capsys):
+def test_help_shows_the_command(capsys):
     from blockstate.cli.main import main
 
     assert main(["lm-eval", "--help"]) == 0
