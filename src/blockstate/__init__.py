@@ -5,7 +5,7 @@
 BST variants and the paper's baselines alike: ``blockstate.create_model("bst-sh-s4", size="tiny")``.
 """
 
-import blockstate.cli.quiet_interrupts  # noqa: F401 I001 - first (no torch): Ctrl-C while torch loads is one line
+import blockstate.quiet_interrupts  # noqa: F401 I001 - first (no torch): Ctrl-C while torch loads is one line
 from blockstate.models import BlockStateConfig, BlockStateForCausalLM, BlockStateModel
 from blockstate.registry import carries_state, create_model, list_models, model_config
 

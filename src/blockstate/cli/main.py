@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from blockstate.cli.quiet_interrupts import INTERRUPTED
+from blockstate.quiet_interrupts import INTERRUPTED
 
 # subcommand name -> module (in blockstate.cli) defining register(subparsers) and run(args)
 SUBCOMMANDS = {
