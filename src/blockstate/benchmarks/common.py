@@ -62,3 +62,17 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
+
+
+def pyplot(path: Path) -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or None (with a note) where matplotlib is not installed: a bare GPU
+    machine has torch and transformers only, and the JSON beside the plot holds every number."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: {path.name} not drawn")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from blockstate.benchmarks.common import machine, time_call, write_json
+from blockstate.benchmarks.common import machine, pyplot, time_call, write_json
 from blockstate.models import BlockStateForCausalLM, preset_config
 
 
@@ -80,14 +80,9 @@ def print_table(payload: dict[str, Any]) -> None:
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # a bare GPU machine (torch + transformers only): the JSON holds every number
-        print(f"matplotlib is not installed: {path.name} not drawn")
+    plt = pyplot(path)
+    if plt is None:
         return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for name, rows in payload["results"].items():

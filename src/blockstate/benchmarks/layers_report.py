@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from blockstate.benchmarks.common import pyplot
+
 REFERENCE = "bst-sh-s4"  # the paper's speed comparison is BST:SH:S4 against the others
 
 
@@ -80,14 +82,9 @@ def ratio_rows(payload: dict[str, Any]) -> dict[str, list[float | None]]:
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # a bare GPU machine (torch + transformers only): the JSON holds every number
-        print(f"matplotlib is not installed: {path.name} not drawn")
+    plt = pyplot(path)
+    if plt is None:
         return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     for ax, mode, title in zip(axes, ("forward", "backward", "memory"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from blockstate.benchmarks.common import pyplot
+
 
 # -- reporting ---------------------------------------------------------------------------------------------------
 def _k(x: float) -> str:
@@ -80,14 +82,9 @@ def extra_tables(payload: dict[str, Any]) -> list[str]:
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # a bare GPU machine (torch + transformers only): the JSON holds every number
-        print(f"matplotlib is not installed: {path.name} not drawn")
+    plt = pyplot(path)
+    if plt is None:
         return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, rows) in enumerate(payload["results"].items()):
