@@ -10,7 +10,8 @@ from training_helpers import TINY_MODEL, one_thread, write_corpus  # noqa: F401 
 
 from blockstate.cli.main import main
 from blockstate.data import BytesTokenizer, TokenizedSplit
-from blockstate.evaluation import evaluate, head_documents, parse_lengths, sample, sample_text
+from blockstate.evaluation import evaluate, head_documents, parse_lengths
+from blockstate.generation import SamplingConfig, generate_ids, generate_text
 from blockstate.training.model_factory import build_model
 
 
@@ -74,12 +75,16 @@ def test_parse_lengths():
 
 
 def test_sample_is_seeded_and_stops(model):
-    a = sample(model, [256, 100], 20, context=64, seed=3)
-    assert a == sample(model, [256, 100], 20, context=64, seed=3) and len(a) == 20
+    """The sample printed after training goes through the one generation path (``blockstate.generation``)."""
+    cfg = SamplingConfig(max_new_tokens=20, seed=3)
+    a = generate_ids(model, [256, 100], cfg, None)
+    assert a == generate_ids(model, [256, 100], cfg, None) and len(a) == 20
     assert all(0 <= t < 257 for t in a)
-    assert sample(model, [256], 5, temperature=0) == sample(model, [256], 5, temperature=0)
-    text = sample_text(model, BytesTokenizer(), "def ", 10, context=64)
-    assert text.startswith("def ")
+    greedy = SamplingConfig(max_new_tokens=5, temperature=0)
+    assert generate_ids(model, [256], greedy, None) == generate_ids(model, [256], greedy, None)
+    pieces: list[str] = []
+    text = generate_text(model, BytesTokenizer(), "def ", SamplingConfig(max_new_tokens=10), pieces.append)
+    assert text == "".join(pieces) and len(text.encode("utf-8", "surrogateescape")) <= 10 * 3
 
 
 # -- the command -------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
-"""Evaluation: token perplexity and bits per byte at any length, length generalisation reports, sampling.
+"""Evaluation: token perplexity and bits per byte at any length, length generalisation reports (generation is
+``blockstate.generation``).
 
 The protocol (every token scored once, whole documents, non-overlapping segments) is documented in
 ``blockstate.evaluation.evaluate``; ``blockstate eval`` is ``blockstate.cli.eval``.
 """
 
 from blockstate.evaluation.evaluate import EvalResult, evaluate, head_documents
-from blockstate.evaluation.generate import sample, sample_text
 from blockstate.evaluation.report import PROTOCOL, write_report
 from blockstate.evaluation.runner import load_checkpoint, parse_lengths, run_evaluation
 
@@ -17,7 +17,5 @@ __all__ = [
     "load_checkpoint",
     "parse_lengths",
     "run_evaluation",
-    "sample",
-    "sample_text",
     "write_report",
 ]
