@@ -89,7 +89,7 @@ def test_bad_input_gives_one_line(env, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("blockstate.training.checkpoint.save_file", full)
+    monkeypatch.setattr("blockstate.runtime.checkpoint.save_file", full)
     err = one_line_error(capsys, [*base(env), "--output", str(tmp_path / "full"), "--steps", "2"])
     assert "no space left" in err and not list((tmp_path / "full" / "checkpoints").glob(".tmp-*"))
 

@@ -12,7 +12,7 @@ from blockstate.cli.main import main
 from blockstate.data import BytesTokenizer, TokenizedSplit
 from blockstate.evaluation import evaluate, head_documents, parse_lengths
 from blockstate.generation import SamplingConfig, generate_ids, generate_text
-from blockstate.training.model_factory import build_model
+from blockstate.registry import create_model as build_model
 
 
 def tiny_split(lengths=(5, 40, 64, 65, 130, 1)) -> TokenizedSplit:

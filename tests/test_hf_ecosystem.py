@@ -214,7 +214,7 @@ def test_a_full_disk_while_publishing_is_one_line_and_keeps_the_checkpoint(run_d
     assert f"no space left on the device of {out} while writing the final model (from step-0000002" in err
     assert not list(out.glob(".tmp-publish-*")) and not (out / "published.json").exists()
     monkeypatch.undo()
-    from blockstate.training.checkpoint import verify
+    from blockstate.runtime.checkpoint import verify
 
     verify(out / "checkpoints" / "step-0000002")  # complete and verified: resume or load it
 
@@ -222,8 +222,9 @@ def test_a_full_disk_while_publishing_is_one_line_and_keeps_the_checkpoint(run_d
 def test_a_checkpoint_of_the_layout_before_still_loads(run_dir, tmp_path, capsys):
     """Tokenizer in ``tokenizer/blockstate_tokenizer.json`` (checkpoints written before the root layout)."""
     from blockstate.data import BytesTokenizer
-    from blockstate.training.manifest import write_manifest
-    from blockstate.training.rundir import check_same_tokenizer, publish_model, verify_published
+    from blockstate.runtime.loading import verify_published
+    from blockstate.runtime.manifest import write_manifest
+    from blockstate.training.rundir import check_same_tokenizer, publish_model
 
     old = tmp_path / "old"
     shutil.copytree(run_dir / "checkpoints" / "step-0000002", old)

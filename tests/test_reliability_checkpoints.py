@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 from training_helpers import TINY_MODEL, one_line_error, one_thread, write_corpus  # noqa: F401 (one_thread: autouse)
 
-from blockstate.evaluation.runner import load_checkpoint
+from blockstate.registry import create_model as build_model
+from blockstate.runtime import checkpoint as ckpt_io
+from blockstate.runtime.loading import load_checkpoint
+from blockstate.runtime.manifest import MANIFEST, CheckpointError, verify_checkpoint, write_manifest
 from blockstate.training import TrainConfig, Trainer
-from blockstate.training import checkpoint as ckpt_io
-from blockstate.training.manifest import MANIFEST, CheckpointError, verify_checkpoint, write_manifest
-from blockstate.training.model_factory import build_model
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "blockstate"
 TINY = dict(model_args={k: v for k, v in TINY_MODEL.items() if k not in ("block_size", "max_train_length")},

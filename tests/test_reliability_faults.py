@@ -28,10 +28,10 @@ from training_helpers import one_thread, write_corpus  # noqa: F401 (one_thread 
 import blockstate.training.trainer as trainer_mod
 from blockstate.cli.main import main
 from blockstate.data import BytesTokenizer
+from blockstate.registry import create_model as build_model
+from blockstate.runtime import checkpoint as ckpt_io
 from blockstate.training import TrainConfig
-from blockstate.training import checkpoint as ckpt_io
 from blockstate.training.metrics import MetricsLogger, read_metrics
-from blockstate.training.model_factory import build_model
 from blockstate.training.optim import build_optimizer, group_of_parameters
 from blockstate.training.steps import clip_gradients
 

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from training_helpers import TINY_MODEL, one_thread  # noqa: F401 (one_thread is an autouse fixture)
 
 from blockstate.models import BlockStateForCausalLM
-from blockstate.training import checkpoint as ckpt_io
+from blockstate.registry import create_model as build_model
+from blockstate.runtime import checkpoint as ckpt_io
 from blockstate.training.config import TrainConfig, identity_mismatches, load_config_file, merge
-from blockstate.training.model_factory import build_model, parse_bst_name
 from blockstate.training.optim import build_optimizer, group_of_parameters, lr_factor, set_lr
 
 
@@ -64,10 +64,9 @@ def test_identity_mismatches():
 
 
 def test_model_names():
-    assert parse_bst_name("bst-sh-s4") == ("sh", "s4d")
-    assert parse_bst_name("BST-MF-unstructured") == ("mf", "unstructured")
+    assert build_model("BST-MF-unstructured", "tiny", **TINY_MODEL).config.kernel == "unstructured"
     with pytest.raises(ValueError, match="unknown model 'gpt-9'.*bst-sh-s4"):
-        parse_bst_name("gpt-9")
+        build_model("gpt-9")
     m = tiny_model("bst-mh-s4")
     assert isinstance(m, BlockStateForCausalLM) and m.config.variant == "mh" and m.config.hidden_size == 32
 
@@ -207,7 +206,7 @@ def test_resolve_checkpoint_errors(tmp_path):
 def test_precision_policy():
     from contextlib import nullcontext
 
-    from blockstate.training.steps import autocast_factory, fast_bf16, use_bf16
+    from blockstate.runtime.device import autocast_factory, fast_bf16, use_bf16
 
     cpu = torch.device("cpu")
     assert not use_bf16("fp32", cpu) and use_bf16("bf16", cpu)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from blockstate.benchmarks.common import write_json
 
 if TYPE_CHECKING:  # compare.py imports this module
-    from blockstate.benchmarks.compare import CompareSettings
+    from blockstate.benchmarks.compare_settings import CompareSettings
 
 EVAL_FILE = "compare-eval.json"
 VALID_FILE = "compare-valid.json"
@@ -36,9 +36,9 @@ def _load(s: CompareSettings, run_dir: Path, corpus: str, split: str):
     import torch
 
     from blockstate.data import load_corpus, tokenize_split
-    from blockstate.evaluation import head_documents, load_checkpoint
-    from blockstate.training.distributed import pick_device
-    from blockstate.training.steps import autocast_factory
+    from blockstate.evaluation import head_documents
+    from blockstate.runtime.device import autocast_factory, pick_device
+    from blockstate.runtime.loading import load_checkpoint
 
     if s.threads:
         torch.set_num_threads(s.threads)

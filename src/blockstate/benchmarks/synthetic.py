@@ -121,8 +121,9 @@ def _tensors(batch: SyntheticSet, device: torch.device) -> tuple[torch.Tensor, t
 def train(model: torch.nn.Module, task: SyntheticTask, s: SyntheticSettings, steps: int, batch_size: int,
           device: torch.device, log: Any = print) -> dict[str, Any]:
     """The short loop: the project's optimiser groups, schedule and clipping; non-finite steps are skipped."""
+    from blockstate.runtime.device import autocast_factory
     from blockstate.training.optim import build_optimizer, group_of_parameters, lr_factor, set_lr
-    from blockstate.training.steps import autocast_factory, clip_gradients
+    from blockstate.training.steps import clip_gradients
 
     cfg = train_config(s, steps)
     optimizer = build_optimizer(model, group_of_parameters(model), cfg)

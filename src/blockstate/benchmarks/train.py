@@ -95,7 +95,8 @@ def make_batch(vocab: int, batch: int, length: int, seed: int = 0) -> dict[str, 
 def make_step(c: Contestant, batch: dict[str, torch.Tensor], device: torch.device, precision: str,
               grad_clip: float = 1.0) -> Callable[[], None]:
     """One training step as ``blockstate train`` runs it: summed NLL / target count, backward, clip, AdamW."""
-    from blockstate.training.steps import autocast_factory, step_nll
+    from blockstate.runtime.device import autocast_factory
+    from blockstate.training.steps import step_nll
 
     autocast = autocast_factory(precision, device)
     # on the device before the timed steps, as a prefetching loader leaves them; the reset flags stay on the host,
@@ -372,7 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     warmup=max(1, args.warmup), device=device, precision=args.precision, time_limit=limit,
                     memory=not args.no_memory, checkpointing=args.checkpointing,
                     flops=args.flops if args.flops is not None else device.type == "cuda")
-    from blockstate.training.steps import use_bf16
+    from blockstate.runtime.device import use_bf16
 
     precision = f"{args.precision} ({'bf16 autocast' if use_bf16(args.precision, device) else 'fp32'})"
     payload = {"benchmark": "train", "size": args.size, "batch_size": args.batch_size, "lengths": lengths,

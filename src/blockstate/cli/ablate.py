@@ -62,8 +62,9 @@ def chosen_arms(text: str, num_layers: int) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from blockstate.benchmarks import ablation
-    from blockstate.benchmarks.compare import CompareSettings, slug
+    from blockstate.benchmarks.compare_settings import CompareSettings
     from blockstate.cli.train import _setup_logging
+    from blockstate.data.common import slug
     from blockstate.evaluation import parse_lengths
     from blockstate.registry import model_config
 

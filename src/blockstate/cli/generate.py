@@ -65,9 +65,9 @@ def check_prompt(prompt: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from blockstate.evaluation.runner import load_checkpoint
     from blockstate.generation import SamplingConfig, generate_text
-    from blockstate.training.distributed import pick_device
+    from blockstate.runtime.device import pick_device
+    from blockstate.runtime.loading import load_checkpoint
 
     if args.threads is not None:
         if args.threads < 1:

@@ -45,8 +45,8 @@ def _model_arg(text: str) -> tuple[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
+    from blockstate.registry import list_models
     from blockstate.training.config import DEFAULT_TOKENS, OPTIMIZERS, PRECISIONS, SCHEDULES
-    from blockstate.training.model_factory import known_models
 
     p = sub.add_parser(name, help="train a language model (default: tiny BST on python-stdlib, 3M tokens)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log data loading details")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=S, help=f"model name: {', '.join(known_models())} (default bst-sh-s4; "
+    g.add_argument("--model", default=S, help=f"model name: {', '.join(list_models())} (default bst-sh-s4; "
                                               "blockstate models lists them with their sizes)")
     g.add_argument("--size", default=S, help="preset size: tiny, small, paper (default tiny)")
     g.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, default=S, metavar="K=V",

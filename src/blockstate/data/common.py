@@ -89,10 +89,12 @@ def stable_hash(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def slug(text: str, n: int = 40) -> str:
-    """A file-name-safe short form of ``text`` (for readable cache directory names)."""
-    s = "".join(c if c.isalnum() or c in "-_." else "_" for c in text.strip("/\\"))
-    return s[-n:] or "corpus"
+def slug(text: str, n: int | None = None) -> str:
+    """A file-name-safe form of a corpus name or path (its last component), for run and cache directory names;
+    ``n`` keeps the last ``n`` characters."""
+    name = Path(str(text).rstrip("/\\")).name or str(text)
+    s = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "data"
+    return s[-n:] if n else s
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

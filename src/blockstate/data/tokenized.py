@@ -190,7 +190,7 @@ def tokenize_split(corpus: Corpus, tokenizer: Tokenizer, split: str, cache_dir: 
     corpus.documents(split)  # raises DataError early for an empty split
     key = stable_hash(CACHE_VERSION, corpus.fingerprint, tokenizer.fingerprint, split)[:16]
     root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "tokens"
-    final = root / f"{slug(corpus.name)}-{split}-{tokenizer.kind}-{key}"
+    final = root / f"{slug(corpus.name, 40)}-{split}-{tokenizer.kind}-{key}"
     name = f"{corpus.name}:{split}"
     if use_cache and (final / "meta.json").is_file():
         try:

@@ -7,14 +7,13 @@ The protocol (every token scored once, whole documents, non-overlapping segments
 
 from blockstate.evaluation.evaluate import EvalResult, evaluate, head_documents
 from blockstate.evaluation.report import PROTOCOL, write_report
-from blockstate.evaluation.runner import load_checkpoint, parse_lengths, run_evaluation
+from blockstate.evaluation.runner import parse_lengths, run_evaluation
 
 __all__ = [
     "PROTOCOL",
     "EvalResult",
     "evaluate",
     "head_documents",
-    "load_checkpoint",
     "parse_lengths",
     "run_evaluation",
     "write_report",

@@ -57,7 +57,7 @@ class BlockStateLM(TemplateLM):
                  max_gen_toks: int = 256, add_bos_token: bool | str = True, tokenizer: str | None = None,
                  **kwargs: Any) -> None:
         super().__init__()
-        from blockstate.evaluation.runner import load_checkpoint
+        from blockstate.runtime.loading import load_checkpoint
 
         if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             # lm-eval's --device defaults to cuda:0 on every machine; without CUDA that default means the CPU

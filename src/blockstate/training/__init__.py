@@ -1,4 +1,4 @@
-"""Training: config, model factory, optimiser and schedules, checkpoints, distributed wrappers, the loop.
+"""Training: config, optimiser and schedules, checkpoints, distributed wrappers, the loop.
 
 Typical use::
 
@@ -10,7 +10,6 @@ The command line is ``blockstate train`` (``blockstate.cli.train``).
 """
 
 from blockstate.training.config import DEFAULT_TOKENS, TrainConfig, load_config_file, merge
-from blockstate.training.model_factory import build_model, known_models, parse_bst_name
 from blockstate.training.optim import build_optimizer, group_of_parameters, lr_factor
 from blockstate.training.trainer import Trainer, TrainResult
 
@@ -19,12 +18,9 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
-    "build_model",
     "build_optimizer",
     "group_of_parameters",
-    "known_models",
     "load_config_file",
     "lr_factor",
     "merge",
-    "parse_bst_name",
 ]

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from blockstate.runtime.device import pick_device
+
 
 @dataclasses.dataclass
 class DistInfo:
@@ -38,14 +40,6 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda but no CUDA GPU is visible (torch.cuda.is_available() is False): use "
-                             "--device cpu, or install a CUDA build of torch")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def init_distributed(parallel: str, device: str) -> DistInfo:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blockstate.training.checkpoint import atomic_write_text, output_error
+from blockstate.runtime.checkpoint import atomic_write_text, output_error
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -8,7 +8,7 @@ When training ends (or stops on SIGTERM / SIGINT) the last checkpoint's model, t
 and training config are published at the root (:func:`publish_model`), as Hugging Face's Trainer does with its
 ``output_dir``: ``AutoModelForCausalLM.from_pretrained(run_dir)``, ``AutoTokenizer.from_pretrained(run_dir)``
 and ``pipeline("text-generation", model=run_dir)`` take the run directory itself. ``published.json``, written
-last, records the step and every published file's size and sha256 (:func:`verify_published`).
+last, records the step and every published file's size and sha256 (``blockstate.runtime.loading.verify_published``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from blockstate.training.checkpoint import (
+from blockstate.data.common import slug
+from blockstate.runtime.checkpoint import (
     CHECKPOINTS,
     CONFIG_FILE,
     LATEST,
@@ -38,20 +39,15 @@ from blockstate.training.checkpoint import (
     tokenizer_dir,
     verify,
 )
+from blockstate.runtime.loading import PUBLISHED
+from blockstate.runtime.manifest import MANIFEST, sha256_file
 from blockstate.training.config import TrainConfig, identity_mismatches, resolved_settings
-from blockstate.training.manifest import MANIFEST, CheckpointError, sha256_file
 
 RUN_FILE = "run.json"
-PUBLISHED = "published.json"
 # checkpoint files that are for resuming only, never published at the root
 _RESUME_ONLY = ("optimizer.", "rng-rank", "carry-rank", STATE_FILE, MANIFEST)
 RUN_FILES = (RUN_FILE, "metrics.jsonl", "results.json", "results.md", "loss_curve.png", "loss_by_position.png",
              "sample.txt", "train.log", PUBLISHED)
-
-
-def _slug(text: str) -> str:
-    s = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(text.rstrip("/\\")).name or text)
-    return s.strip("-.") or "data"
 
 
 def holds_run(path: Path) -> bool:
@@ -61,7 +57,7 @@ def holds_run(path: Path) -> bool:
 def default_output(cfg: TrainConfig, root: Path = Path("runs")) -> Path:
     """``runs/<model>-<size>-<data>``, numbered ``-2``, ``-3``... when taken, so a repeated bare command never
     touches an earlier run."""
-    base = root / f"{cfg.model}-{cfg.size}-{_slug(cfg.data)}"
+    base = root / f"{cfg.model}-{cfg.size}-{slug(cfg.data)}"
     candidate, n = base, 1
     while holds_run(candidate):
         n += 1
@@ -248,34 +244,3 @@ def publish_model(run_dir: Path, ckpt: Path, tokenizer: Any = None) -> list[str]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return names
-
-
-def verify_published(run_dir: Path) -> bool:
-    """Check the model at a run directory's root against ``published.json`` (CheckpointError: one line naming
-    the file and the checkpoint with the same weights). False when the directory has no ``published.json``."""
-    path = run_dir / PUBLISHED
-    if not path.is_file():
-        return False
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        files = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in record["files"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path} is damaged ({type(exc).__name__}): load {run_dir / CHECKPOINTS} instead, or "
-                              "train again") from None
-    ckpt = run_dir / str(record.get("checkpoint") or CHECKPOINTS)
-    fix = (f"use {ckpt} (the same weights)" if (ckpt / STATE_FILE).is_file()
-           else "its checkpoint is gone: restore the directory from a backup or train again")
-    for name, (size, digest) in sorted(files.items()):
-        f = run_dir / name
-        problem = None
-        if not f.is_file():
-            problem = "is missing"
-        elif f.stat().st_size < size:
-            problem = f"is truncated ({f.stat().st_size:,} of {size:,} bytes)"
-        elif f.stat().st_size > size:
-            problem = f"has {f.stat().st_size:,} bytes, {size:,} when it was saved"
-        elif sha256_file(f) != digest:
-            problem = "is corrupted (its sha256 differs from the one recorded at save time)"
-        if problem:
-            raise CheckpointError(f"the model at the root of {run_dir}: {name} {problem}; {fix}")
-    return True

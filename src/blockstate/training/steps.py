@@ -1,12 +1,11 @@
 """Pieces of one training step: precision, the summed loss of a batch, signals, the ETA.
 
-Kept apart from the loop (``trainer.py``) so the evaluator can share the precision policy.
+Kept apart from the loop (``trainer.py``); the precision policy is ``blockstate.runtime.device``.
 """
 
 from __future__ import annotations
 
 import signal
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -20,28 +19,6 @@ except ImportError:  # a torch build without distributed: no DTensor gradients e
 from blockstate.data import IGNORE_INDEX
 from blockstate.models.modeling_blockstate import check_input_ids
 from blockstate.training import distributed as D
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls are native here: CUDA with bf16, or a CPU with AVX512-BF16 / AMX (where bf16
-    autocast roughly doubles training throughput; elsewhere CPU bf16 is emulated and slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    return precision == "bf16" or (precision == "auto" and fast_bf16(device))
-
-
-def autocast_factory(precision: str, device: torch.device):
-    """bf16 autocast (``auto``: where the hardware has native bf16); parameters, optimiser state, the loss and
-    the model's SSM / FFT work stay in fp32."""
-    if not use_bf16(precision, device):
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class StopSignals:

@@ -31,11 +31,12 @@ from blockstate.data import IGNORE_INDEX, DataError, SegmentLoader, build_tokeni
 from blockstate.evaluation.evaluate import EvalResult, evaluate, head_documents
 from blockstate.generation import can_generate, set_token_ids
 from blockstate.models.modeling_blockstate import enable_gradient_checkpointing
-from blockstate.training import checkpoint as ckpt_io
+from blockstate.registry import create_model
+from blockstate.runtime import checkpoint as ckpt_io
+from blockstate.runtime.device import autocast_factory, use_bf16
 from blockstate.training import distributed as D
 from blockstate.training.config import TrainConfig
 from blockstate.training.metrics import MetricsLogger, Progress, format_seconds, plot_loss_curve, truncate_metrics
-from blockstate.training.model_factory import build_model
 from blockstate.training.optim import build_optimizer, describe_groups, group_of_parameters, lr_factor, set_lr
 from blockstate.training.rundir import (
     RUN_FILE,
@@ -51,13 +52,11 @@ from blockstate.training.rundir import (
 )
 from blockstate.training.steps import (
     StopSignals,
-    autocast_factory,
     carries_state,
     carry_is_finite,
     clip_gradients,
     eta_seconds,
     step_nll,
-    use_bf16,
 )
 
 logger = logging.getLogger("blockstate.train")
@@ -210,7 +209,7 @@ class Trainer:
                            ("hidden_dropout", cfg.dropout)):
             if value is not None:
                 overrides[key] = value
-        model = build_model(cfg.model, cfg.size, **overrides)
+        model = create_model(cfg.model, cfg.size, **overrides)
         set_token_ids(model, tokenizer.eos_id)  # saved in config.json / generation_config.json: generate() stops at EOS
         seq_len = cfg.seq_len or int(getattr(model.config, "max_train_length", 0) or 512)
         if train_data.num_tokens < seq_len:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from blockstate.training.manifest import CheckpointError, check_model_config, verify_checkpoint, write_manifest
+from blockstate.runtime.manifest import CheckpointError, check_model_config, verify_checkpoint, write_manifest
 
 FORMAT = "blockstate-checkpoint"
 VERSION = 2  # 2: manifest.json (version 1 checkpoints load, unverified)
