@@ -13,8 +13,9 @@ from training_helpers import TINY_MODEL, one_thread  # noqa: F401 (one_thread is
 from blockstate.models import BlockStateForCausalLM
 from blockstate.registry import create_model as build_model
 from blockstate.runtime import checkpoint as ckpt_io
-from blockstate.training.config import TrainConfig, identity_mismatches, load_config_file, merge
+from blockstate.training.config import TrainConfig, load_config_file, merge
 from blockstate.training.optim import build_optimizer, group_of_parameters, lr_factor, set_lr
+from blockstate.training.rundir import identity_mismatches
 
 
 def tiny_model(name: str = "bst-sh-s4") -> torch.nn.Module:

@@ -45,94 +45,52 @@ def _model_arg(text: str) -> tuple[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from blockstate.registry import list_models
-    from blockstate.training.config import DEFAULT_TOKENS, OPTIMIZERS, PRECISIONS, SCHEDULES
+    from blockstate.training.config import DEFAULT_TOKENS
 
-    p = sub.add_parser(name, help="train a language model (default: tiny BST on python-stdlib, 3M tokens)",
+    p = sub.add_parser(name, help=f"train a language model (default: tiny BST on python-stdlib, "
+                                  f"{DEFAULT_TOKENS / 1e6:g}M tokens)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="YAML/JSON file of settings (flags override it)")
     p.add_argument("--resume", nargs="?", const=True, metavar="DIR",
                    help="continue a run: its run directory or a checkpoint (default: --output)")
     p.add_argument("--overwrite", action="store_true", help="start again in an --output that holds a run")
     p.add_argument("-v", "--verbose", action="store_true", help="log data loading details")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=S, help=f"model name: {', '.join(list_models())} (default bst-sh-s4; "
-                                              "blockstate models lists them with their sizes)")
-    g.add_argument("--size", default=S, help="preset size: tiny, small, paper (default tiny)")
-    g.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, default=S, metavar="K=V",
-                   help="override a model-config field (repeatable), e.g. num_hidden_layers=6")
-    g.add_argument("--block-size", type=int, default=S, help="block length W (default: the preset's)")
-    g.add_argument("--dropout", type=float, default=S, help="residual dropout (default: the preset's)")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=S, help="python-stdlib, shakespeare, books, a directory, a .txt/.jsonl file, "
-                                             "hf:<name> (default python-stdlib)")
-    g.add_argument("--tokenizer", default=S, help="bytes, bpe, bpe:<vocab>, a SentencePiece .model, a saved "
-                                                  "tokenizer directory (default bytes)")
-    g.add_argument("--suffixes", default=S, metavar=".EXT,...",
-                   help="file suffixes read from a corpus folder, e.g. .py,.md (default .txt,.jsonl)")
-    g.add_argument("--text-field", default=S, metavar="NAME",
-                   help="the field of each .jsonl record that holds the text (default text)")
-    g.add_argument("--seq-len", type=int, default=S, help="training segment length L (default: the preset's)")
-    g.add_argument("--packing", action=argparse.BooleanOptionalAction, default=S,
-                   help="pack documents into one stream (default: no, segments never mix documents)")
-    g.add_argument("--lane-span", type=int, default=S, metavar="K",
-                   help="models that carry state (slide, transformer-xl, brect): each batch row walks K consecutive "
-                        "segments from a random document and offset, then jumps (state reset); 0 = whole "
-                        "documents in order (default 0)")
-    g.add_argument("--cache-dir", default=S, help="token / tokenizer cache (default ~/.cache/blockstate)")
-
-    g = p.add_argument_group("budget and batch")
-    g.add_argument("--batch-size", type=int, default=S, help="segments per process per micro-step (default 4)")
-    g.add_argument("--grad-accum", type=int, default=S, help="micro-steps per optimiser step (default 1)")
-    g.add_argument("--steps", type=int, default=S, help="optimiser steps")
-    g.add_argument("--tokens", type=_count, default=S,
-                   help=f"token budget instead of --steps (e.g. 20M); the default when no budget is given is "
-                        f"{DEFAULT_TOKENS / 1e6:g}M, the same result on every machine")
-    g.add_argument("--time-budget", type=float, default=S, metavar="MIN",
-                   help="minutes of training (with --steps or --tokens: a hard stop; alone: the cosine follows "
-                        "time, so the result depends on the machine's speed)")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help="default adamw")
-    g.add_argument("--lr", type=float, default=S, help="peak learning rate (default 2e-3)")
-    g.add_argument("--ssm-lr", type=float, default=S, help="SSM parameters' learning rate (default min(lr, 1e-3))")
-    g.add_argument("--weight-decay", type=float, default=S, help="default 0.1 (not on norms, embeddings, SSM)")
-    g.add_argument("--beta1", type=float, default=S)
-    g.add_argument("--beta2", type=float, default=S)
-    g.add_argument("--schedule", choices=SCHEDULES, default=S, help="after warmup (default cosine)")
-    g.add_argument("--warmup-steps", type=int, default=S, help="default 50")
-    g.add_argument("--min-lr-ratio", type=float, default=S, help="cosine floor as a fraction of --lr (default 0.1)")
-    g.add_argument("--grad-clip", type=float, default=S, help="global gradient-norm clip, 0 = off (default 1)")
-    g.add_argument("--max-skipped-steps", type=int, default=S, metavar="N",
-                   help="a step with a non-finite loss or gradient is skipped; stop after N in a row, 0 = never "
-                        "(default 20)")
-    g.add_argument("--seed", type=int, default=S)
-    g.add_argument("--precision", choices=PRECISIONS, default=S,
-                   help="auto = bf16 autocast where bf16 is native (GPU, AVX512-BF16/AMX CPUs), else fp32")
-    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=S,
-                   help="recompute each layer's activations in the backward: less memory, same gradients")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--output", default=S, help="run directory (default runs/<model>-<size>-<data>, numbered)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S)
-    g.add_argument("--parallel", choices=("none", "ddp", "fsdp"), default=S, help="under torchrun: ddp or fsdp")
-    g.add_argument("--threads", type=int, default=S, help="torch CPU threads")
-    g.add_argument("--eval-every", type=int, default=S, help="validation every N steps, 0 = at the end (250)")
-    g.add_argument("--eval-tokens", type=_count, default=S, metavar="N",
-                   help="validate on the first whole documents of the validation split up to N tokens; documents "
-                        "are never cut, so at least one is used and the first may exceed N (default 65536)")
-    g.add_argument("--save-every", type=int, default=S, help="checkpoint every N steps, 0 = at the end (500)")
-    g.add_argument("--keep-checkpoints", type=int, default=S, help="newest checkpoints kept (2)")
-    g.add_argument("--log-every", type=int, default=S, help="metrics.jsonl line every N steps (10)")
-    g.add_argument("--final-eval", action=argparse.BooleanOptionalAction, default=S,
-                   help="test-split bits per byte at the end (default yes)")
-    g.add_argument("--sample-tokens", type=int, default=S, help="tokens sampled at the end, 0 = none (256)")
-    g.add_argument("--sample-prompt", default=S, help="prompt of the sample (default: 'def ' on python-stdlib)")
-    g.add_argument("--temperature", type=float, default=S)
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help="progress bar")
+    add_setting_flags(p)
     p.set_defaults(run=run)
+
+
+# the command-line parser of each TrainConfig kind (blockstate.training.config.KINDS); None: the text as given
+KIND_TYPES = {"int": int, "int0": int, "seed": int, "float": float, "float0": float, "fraction": float}
+PARSERS = {"count": _count, "model_arg": _model_arg}
+
+
+def add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, from its declaration (``blockstate.training.config.setting``), in argument
+    groups by the field's group. ``default=S``: only the flags given override a --config file."""
+    import dataclasses
+
+    from blockstate.registry import list_models
+    from blockstate.training.config import GROUPS, TrainConfig
+
+    groups = {title: p.add_argument_group(title) for title in GROUPS}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        kwargs: dict[str, Any] = {"default": S}
+        if meta["help"] is not None:  # the model names come from the registry
+            kwargs["help"] = meta["help"].replace("{models}", ", ".join(list_models()))
+        if meta["metavar"] is not None:
+            kwargs["metavar"] = meta["metavar"]
+        if meta["kind"] == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif meta["kind"] == "choice":
+            kwargs["choices"] = meta["choices"]
+        elif meta["parse"] is not None or meta["kind"] in KIND_TYPES:
+            kwargs["type"] = PARSERS[meta["parse"]] if meta["parse"] else KIND_TYPES[meta["kind"]]
+        if meta["parse"] == "model_arg":  # --model-arg K=V, repeatable, into model_args
+            flag, kwargs["dest"], kwargs["action"] = "--model-arg", f.name, "append"
+        else:
+            flag = "--" + f.name.replace("_", "-")
+        groups[meta["group"]].add_argument(flag, **kwargs)
 
 
 NOT_CONFIG = {"config", "resume", "overwrite", "verbose", "debug", "command", "run"}

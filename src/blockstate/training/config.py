@@ -34,132 +34,148 @@ PARALLEL = ("none", "ddp", "fsdp")
 # 3M tokens = 1,465 steps of 4 x 512, about 8 minutes at ~6-7k tokens/s (2 CPU cores, bf16).
 DEFAULT_TOKENS = 3_000_000
 
+# What a value of each kind must be: the phrase of the one-line error "--flag must be <phrase>, got <value>".
+# The kind also gives the command-line type (int / float / a true-false flag / choices; see blockstate.cli.train).
+KINDS = {"bool": "true or false", "str": "a string", "name": "a field name", "choice": "one of {choices}",
+         "int": "a positive integer", "int0": "a non-negative integer", "seed": "an integer >= 0",
+         "float": "a positive number", "float0": "a finite number >= 0", "fraction": "in [0, 1)",
+         "mapping": "a mapping of model-config fields", "suffixes": None}
+GROUPS = ("model", "data", "budget and batch", "optimisation", "run")
+
+
+def setting(default: Any = None, *, kind: str, group: str, help: str | None = None, nullable: bool = False,
+            choices: tuple[str, ...] = (), mutable: bool = False, metavar: str | None = None,
+            parse: str | None = None, factory: Any = None) -> Any:
+    """A TrainConfig field declared once: its default, the kind of value it takes (checked by ``validate``, see
+    KINDS), whether None is allowed, its ``--help`` group and text, and whether it may change on ``--resume``
+    (``mutable``; the others are the run's identity). ``parse`` names a command-line parser other than the
+    kind's (``count``: 5M, 500k). The flag is the field name with dashes."""
+    assert kind in KINDS and group in GROUPS, (kind, group)
+    meta = {"kind": kind, "group": group, "help": help, "nullable": nullable, "choices": choices, "mutable": mutable,
+            "metavar": metavar, "parse": parse}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
 
 @dataclasses.dataclass
 class TrainConfig:
     # model
-    model: str = "bst-sh-s4"
-    size: str = "tiny"
-    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra model-config overrides
-    block_size: int | None = None  # W; None = the preset's
-    dropout: float | None = None  # hidden (residual) dropout; None = the preset's
+    model: str = setting("bst-sh-s4", kind="str", group="model",
+                         help="model name: {models} (default bst-sh-s4; blockstate models lists them with their sizes)")
+    size: str = setting("tiny", kind="str", group="model", help="preset size: tiny, small, paper (default tiny)")
+    model_args: dict[str, Any] = setting(kind="mapping", group="model", factory=dict, metavar="K=V",
+                                         parse="model_arg",  # --model-arg K=V, repeatable
+                                         help="override a model-config field (repeatable), e.g. num_hidden_layers=6")
+    block_size: int | None = setting(kind="int", nullable=True, group="model",
+                                     help="block length W (default: the preset's)")
+    dropout: float | None = setting(kind="fraction", nullable=True, group="model",
+                                    help="residual dropout (default: the preset's)")
     # data
-    data: str = "python-stdlib"
-    tokenizer: str = "bytes"
-    suffixes: list[str] | None = None  # file suffixes read from a corpus folder; None: .txt and .jsonl
-    text_field: str = "text"  # the field of a .jsonl record that holds the document
-    seq_len: int | None = None  # training segment length L; None = the preset's max_train_length
-    packing: bool = False
+    data: str = setting("python-stdlib", kind="str", group="data",
+                        help="python-stdlib, shakespeare, books, a directory, a .txt/.jsonl file, hf:<name> "
+                             "(default python-stdlib)")
+    tokenizer: str = setting("bytes", kind="str", group="data",
+                             help="bytes, bpe, bpe:<vocab>, a SentencePiece .model, a saved tokenizer directory "
+                                  "(default bytes)")
+    suffixes: list[str] | None = setting(kind="suffixes", nullable=True, group="data", metavar=".EXT,...",
+                                         help="file suffixes read from a corpus folder, e.g. .py,.md "
+                                              "(default .txt,.jsonl)")
+    text_field: str = setting("text", kind="name", group="data", metavar="NAME",
+                              help="the field of each .jsonl record that holds the text (default text)")
+    seq_len: int | None = setting(kind="int", nullable=True, group="data",
+                                  help="training segment length L (default: the preset's)")
+    packing: bool = setting(False, kind="bool", group="data",
+                            help="pack documents into one stream (default: no, segments never mix documents)")
     # models that carry state (slide, transformer-xl, brect) read lanes of consecutive segments: 0 = each lane
     # walks whole documents; K >= 1 = runs of at most K segments from random starts (far more documents per run)
-    lane_span: int = 0
-    cache_dir: str | None = None
-    # batch and budget
-    batch_size: int = 4  # sequences per process per micro-step (small batches learn most per token here)
-    grad_accum: int = 1
-    steps: int | None = None
-    tokens: int | None = None  # token budget: steps = ceil(tokens / tokens per optimiser step)
-    time_budget: float | None = None  # minutes of training (evaluation excluded); a hard stop with --steps
+    lane_span: int = setting(0, kind="int0", group="data", metavar="K",
+                             help="models that carry state (slide, transformer-xl, brect): each batch row walks K "
+                                  "consecutive segments from a random document and offset, then jumps (state "
+                                  "reset); 0 = whole documents in order (default 0)")
+    cache_dir: str | None = setting(kind="str", nullable=True, group="data", mutable=True,
+                                    help="token / tokenizer cache (default ~/.cache/blockstate)")
+    # batch and budget; batch_size / grad_accum may change on resume: only the global batch must match (checked
+    # apart). Small batches learn most per token here.
+    batch_size: int = setting(4, kind="int", group="budget and batch", mutable=True,
+                              help="segments per process per micro-step (default 4)")
+    grad_accum: int = setting(1, kind="int", group="budget and batch", mutable=True,
+                              help="micro-steps per optimiser step (default 1)")
+    steps: int | None = setting(kind="int", nullable=True, group="budget and batch", mutable=True,
+                                help="optimiser steps")
+    tokens: int | None = setting(kind="int", nullable=True, group="budget and batch", mutable=True, parse="count",
+                                 help=f"token budget instead of --steps (e.g. 20M); the default when no budget is "
+                                      f"given is {DEFAULT_TOKENS / 1e6:g}M, the same result on every machine")
+    time_budget: float | None = setting(kind="float", nullable=True, group="budget and batch", mutable=True,
+                                        metavar="MIN",  # evaluation excluded; a hard stop with --steps
+                                        help="minutes of training (with --steps or --tokens: a hard stop; alone: "
+                                             "the cosine follows time, so the result depends on the machine's speed)")
     # optimisation
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    ssm_lr: float | None = None  # None: min(lr, 1e-3) (SSM parameters are sensitive; S4's recipe)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    schedule: str = "cosine"
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0  # 0 = off
+    optimizer: str = setting("adamw", kind="choice", choices=OPTIMIZERS, group="optimisation", help="default adamw")
+    lr: float = setting(2e-3, kind="float", group="optimisation", help="peak learning rate (default 2e-3)")
+    ssm_lr: float | None = setting(kind="float", nullable=True, group="optimisation",  # S4's recipe
+                                   help="SSM parameters' learning rate (default min(lr, 1e-3))")
+    weight_decay: float = setting(0.1, kind="float0", group="optimisation",
+                                  help="default 0.1 (not on norms, embeddings, SSM)")
+    beta1: float = setting(0.9, kind="fraction", group="optimisation")
+    beta2: float = setting(0.95, kind="fraction", group="optimisation")
+    schedule: str = setting("cosine", kind="choice", choices=SCHEDULES, group="optimisation",
+                            help="after warmup (default cosine)")
+    warmup_steps: int = setting(50, kind="int0", group="optimisation", help="default 50")
+    min_lr_ratio: float = setting(0.1, kind="float0", group="optimisation",
+                                  help="cosine floor as a fraction of --lr (default 0.1)")
+    grad_clip: float = setting(1.0, kind="float0", group="optimisation",
+                               help="global gradient-norm clip, 0 = off (default 1)")
     # a step whose loss or gradient norm is not finite is skipped (weights and optimiser state untouched);
     # this many in a row stop the run with an error (0 = never stop)
-    max_skipped_steps: int = 20
-    seed: int = 0
-    precision: str = "auto"  # auto: bf16 autocast where bf16 matmuls are native (CUDA, AVX512-BF16/AMX CPUs)
-    gradient_checkpointing: bool = False  # recompute each layer in the backward: less memory, same gradients
+    max_skipped_steps: int = setting(20, kind="int0", group="optimisation", mutable=True, metavar="N",
+                                     help="a step with a non-finite loss or gradient is skipped; stop after N in a "
+                                          "row, 0 = never (default 20)")
+    seed: int = setting(0, kind="seed", group="optimisation")
+    precision: str = setting("auto", kind="choice", choices=PRECISIONS, group="optimisation",
+                             help="auto = bf16 autocast where bf16 is native (GPU, AVX512-BF16/AMX CPUs), else fp32")
+    gradient_checkpointing: bool = setting(False, kind="bool", group="optimisation", mutable=True,  # same gradients
+                                           help="recompute each layer's activations in the backward: less memory, "
+                                                "same gradients")
     # run
-    device: str = "auto"
-    parallel: str = "none"
-    output: str | None = None  # None: runs/<model>-<size>-<data>[-N]
-    eval_every: int = 250  # validation every N optimiser steps (0 = only at the end)
-    eval_tokens: int = 65536  # validation uses the first documents of the split up to this many tokens
-    save_every: int = 500  # 0 = only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    final_eval: bool = True  # test-split bits per byte at the end
-    sample_tokens: int = 256  # 0 = no sample
-    sample_prompt: str | None = None  # None: "def " on python-stdlib, "ROMEO:" on shakespeare, else none
-    temperature: float = 0.8
-    threads: int | None = None  # torch intra-op threads; None = torch's default
-    progress: bool = True
-
-    # -- identity ------------------------------------------------------------------------------------------
-    MUTABLE = frozenset({"steps", "tokens", "time_budget", "device", "parallel", "output", "eval_every",
-                         "eval_tokens", "save_every", "keep_checkpoints", "log_every", "final_eval",
-                         "sample_tokens", "sample_prompt", "temperature", "threads", "progress", "cache_dir",
-                         "batch_size", "grad_accum",  # batch: only the global batch must match (checked apart)
-                         "max_skipped_steps", "gradient_checkpointing"})  # same gradients either way
+    device: str = setting("auto", kind="choice", choices=DEVICES, group="run", mutable=True)
+    parallel: str = setting("none", kind="choice", choices=PARALLEL, group="run", mutable=True,
+                            help="under torchrun: ddp or fsdp")
+    output: str | None = setting(kind="str", nullable=True, group="run", mutable=True,
+                                 help="run directory (default runs/<model>-<size>-<data>, numbered)")
+    eval_every: int = setting(250, kind="int0", group="run", mutable=True,
+                              help="validation every N steps, 0 = at the end (250)")
+    eval_tokens: int = setting(65536, kind="int0", group="run", mutable=True, parse="count", metavar="N",
+                               help="validate on the first whole documents of the validation split up to N tokens; "
+                                    "documents are never cut, so at least one is used and the first may exceed N "
+                                    "(default 65536)")
+    save_every: int = setting(500, kind="int0", group="run", mutable=True,
+                              help="checkpoint every N steps, 0 = at the end (500)")
+    keep_checkpoints: int = setting(2, kind="int", group="run", mutable=True, help="newest checkpoints kept (2)")
+    log_every: int = setting(10, kind="int", group="run", mutable=True,
+                             help="metrics.jsonl line every N steps (10)")
+    final_eval: bool = setting(True, kind="bool", group="run", mutable=True,
+                               help="test-split bits per byte at the end (default yes)")
+    sample_tokens: int = setting(256, kind="int0", group="run", mutable=True,
+                                 help="tokens sampled at the end, 0 = none (256)")
+    sample_prompt: str | None = setting(kind="str", nullable=True, group="run", mutable=True,
+                                        help="prompt of the sample (default: 'def ' on python-stdlib)")
+    temperature: float = setting(0.8, kind="float", group="run", mutable=True)
+    threads: int | None = setting(kind="int", nullable=True, group="run", mutable=True, help="torch CPU threads")
+    progress: bool = setting(True, kind="bool", group="run", mutable=True, help="progress bar")
 
     def validate(self) -> TrainConfig:
-        """Raise ValueError naming the field, the value and what is allowed; returns self."""
-        # types first: a YAML file can hold anything (lr: "fast", packing: "yes"), and a wrong type would
-        # otherwise fail later as a TypeError deep in the run
-        for name in ("packing", "final_eval", "progress", "gradient_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
-        for name in ("model", "size", "data", "tokenizer", "optimizer", "schedule", "precision", "device", "parallel"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
-        if not isinstance(self.text_field, str) or not self.text_field:
-            raise ValueError(f"--text-field must be a field name, got {self.text_field!r}")
-        if self.suffixes is not None:
-            from blockstate.data.corpora import normalise_suffixes
-
-            self.suffixes = list(normalise_suffixes(self.suffixes))
-        for name in ("output", "cache_dir", "sample_prompt"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ValueError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"--seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("beta1", "beta2", "dropout"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise ValueError(f"{flag(name)} must be a number, got {value!r}")
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES,
-                   "parallel": PARALLEL}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every"):
-            _positive_int(self, name)
-        for name in ("steps", "tokens", "seq_len", "block_size", "threads"):
-            if getattr(self, name) is not None:
-                _positive_int(self, name)
-        for name in ("eval_every", "save_every", "sample_tokens", "warmup_steps", "eval_tokens",
-                     "max_skipped_steps", "lane_span"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{flag(name)} must be a non-negative integer, got {value!r}")
-        for name in ("lr", "temperature"):
-            _positive_float(self, name)
-        if self.ssm_lr is not None:
-            _positive_float(self, "ssm_lr")
-        if self.time_budget is not None:
-            _positive_float(self, "time_budget")
-        for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-                raise ValueError(f"{flag(name)} must be a finite number >= 0, got {value!r}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{flag(name)} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout!r}")
-        if self.seq_len is not None and self.seq_len < 2:
-            raise ValueError(f"--seq-len must be at least 2 (one input and one target), got {self.seq_len}")
-        if not isinstance(self.model_args, dict):
-            raise ValueError(f"model_args must be a mapping of model-config fields, got {self.model_args!r}")
-        return self
+        """Raise ValueError naming the field, the value and what is allowed; returns self. Types too: a YAML file
+        can hold anything (lr: "fast", packing: "yes"), which would otherwise fail later deep in the run."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.metadata["nullable"]:
+                continue
+            problem = value_problem(f.metadata, value)
+            if problem is not None:
+                label = "model_args" if f.name == "model_args" else flag(f.name)
+                raise ValueError(f"{label} must be {problem}, got {value!r}")
+        return check_combinations(self)
 
     def default_budget(self) -> bool:
         """True when no budget was given: the run trains DEFAULT_TOKENS tokens."""
@@ -202,19 +218,54 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _positive_int(cfg: TrainConfig, name: str) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{flag(name)} must be a positive integer, got {value!r}")
+def value_problem(meta: Any, value: Any) -> str | None:
+    """What ``value`` must be instead (the phrase of KINDS), or None when it is a good value of its kind."""
+    kind = meta["kind"]
+    number = not isinstance(value, bool) and isinstance(value, int | float)
+    integer = not isinstance(value, bool) and isinstance(value, int)
+    if kind == "bool":
+        good = isinstance(value, bool)
+    elif kind == "str":
+        good = isinstance(value, str)
+    elif kind == "name":
+        good = isinstance(value, str) and bool(value)
+    elif kind == "choice":
+        if not isinstance(value, str):
+            return KINDS["str"]
+        good = value in meta["choices"]
+    elif kind in ("int", "int0"):
+        good = integer and value >= (1 if kind == "int" else 0)
+    elif kind == "seed":
+        good = integer and 0 <= value < 2**63
+    elif kind == "float":
+        good = number and value > 0 and math.isfinite(value)
+    elif kind == "float0":
+        good = number and 0 <= value < math.inf
+    elif kind == "fraction":
+        if not number:
+            return "a number"
+        good = 0 <= value < 1
+    elif kind == "mapping":
+        good = isinstance(value, dict)
+    else:  # suffixes: normalised (and refused in its own words) by check_combinations
+        good = True
+    return None if good else KINDS[kind].format(choices=", ".join(meta["choices"]))
 
 
-def _positive_float(cfg: TrainConfig, name: str) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{flag(name)} must be a positive number, got {value!r}")
+def check_combinations(cfg: TrainConfig) -> TrainConfig:
+    """The checks a field's kind cannot say: the suffix list's normal form, a segment of at least two tokens."""
+    if cfg.suffixes is not None:
+        from blockstate.data.corpora import normalise_suffixes
+
+        cfg.suffixes = list(normalise_suffixes(cfg.suffixes))
+    if cfg.seq_len is not None and cfg.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 (one input and one target), got {cfg.seq_len}")
+    return cfg
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+# may change on --resume; every other field is the identity of the run
+MUTABLE = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["mutable"])
 
 
 def normalise_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -263,38 +314,3 @@ def merge(file_values: dict[str, Any], flag_values: dict[str, Any], base: TrainC
     values.update(file_values)
     values.update(flag_values)
     return TrainConfig(**values).validate()
-
-
-def resolved_settings(state: dict[str, Any], model_config: dict[str, Any]) -> dict[str, Any]:
-    """What a run really used for the settings saved as None (= the preset's value), from its checkpoint's
-    trainer state and model config.json: so that --resume names 512, not None, and accepts an explicit 512."""
-    values = {"seq_len": state.get("seq_len") or model_config.get("max_train_length"),
-              "block_size": model_config.get("block_size"), "dropout": model_config.get("hidden_dropout")}
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def identity_mismatches(saved: TrainConfig, explicit: dict[str, Any],
-                        resolved: dict[str, Any] | None = None) -> list[str]:
-    """Explicitly given identity settings that differ from the saved run's (for --resume); ``resolved``
-    (:func:`resolved_settings`) stands in for saved values that are None."""
-    bad = []
-    for name, value in explicit.items():
-        if name in TrainConfig.MUTABLE:
-            continue
-        old = getattr(saved, name)
-        if old is None and resolved and name in resolved:
-            old = resolved[name]
-        if isinstance(value, dict) and isinstance(old, dict):  # model_args: name the differing keys
-            keys = sorted(k for k in set(value) | set(old) if _norm(value.get(k)) != _norm(old.get(k)))
-            bad += [f"--model-arg {k}={value.get(k)!r} (the run used {k}={old.get(k)!r})" for k in keys]
-        elif _norm(value) != _norm(old):
-            bad.append(f"{flag(name)} {value!r} (the run used {old!r})")
-    return bad
-
-
-def _norm(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return value

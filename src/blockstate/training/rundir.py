@@ -41,7 +41,7 @@ from blockstate.runtime.checkpoint import (
 )
 from blockstate.runtime.loading import PUBLISHED
 from blockstate.runtime.manifest import MANIFEST, sha256_file
-from blockstate.training.config import TrainConfig, identity_mismatches, resolved_settings
+from blockstate.training.config import MUTABLE, TrainConfig, flag
 
 RUN_FILE = "run.json"
 # checkpoint files that are for resuming only, never published at the root
@@ -156,9 +156,44 @@ def resume_config(run_dir: Path, ckpt: Path, explicit: dict[str, Any]) -> tuple[
     if out is not None and Path(out).resolve() != run_dir.resolve():
         raise ValueError(f"--output {out} and --resume {run_dir} name different runs: pass only --resume")
     values = saved.to_dict()
-    values.update({k: v for k, v in explicit.items() if k in TrainConfig.MUTABLE})
+    values.update({k: v for k, v in explicit.items() if k in MUTABLE})
     values["output"] = str(run_dir)
     return TrainConfig(**values).validate(), state
+
+
+def resolved_settings(state: dict[str, Any], model_config: dict[str, Any]) -> dict[str, Any]:
+    """What a run really used for the settings saved as None (= the preset's value), from its checkpoint's
+    trainer state and model config.json: so that --resume names 512, not None, and accepts an explicit 512."""
+    values = {"seq_len": state.get("seq_len") or model_config.get("max_train_length"),
+              "block_size": model_config.get("block_size"), "dropout": model_config.get("hidden_dropout")}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def identity_mismatches(saved: TrainConfig, explicit: dict[str, Any],
+                        resolved: dict[str, Any] | None = None) -> list[str]:
+    """Explicitly given identity settings that differ from the saved run's (for --resume); ``resolved``
+    (:func:`resolved_settings`) stands in for saved values that are None."""
+    bad = []
+    for name, value in explicit.items():
+        if name in MUTABLE:
+            continue
+        old = getattr(saved, name)
+        if old is None and resolved and name in resolved:
+            old = resolved[name]
+        if isinstance(value, dict) and isinstance(old, dict):  # model_args: name the differing keys
+            keys = sorted(k for k in set(value) | set(old) if _norm(value.get(k)) != _norm(old.get(k)))
+            bad += [f"--model-arg {k}={value.get(k)!r} (the run used {k}={old.get(k)!r})" for k in keys]
+        elif _norm(value) != _norm(old):
+            bad.append(f"{flag(name)} {value!r} (the run used {old!r})")
+    return bad
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def set_aside_newer(run_dir: Path, ckpt: Path) -> list[Path]:
