@@ -129,6 +129,63 @@ class Progress:
             self.bar = None
 
 
+SPEED_STEPS = 20  # the speed line is printed after this many steps (the first ones include warm-up costs)
+
+
+class TrainLog:
+    """What the loop reports: a ``train`` line of metrics.jsonl every ``log_every`` steps (the loss over the
+    window since the last one, tokens/s), the progress bar, and once, early, the speed line (what this machine
+    does). ``state`` is the loop's ``TrainState``, ``m`` the last step's ``StepMetrics``."""
+
+    def __init__(self, metrics: MetricsLogger, progress: Progress, tokens: int, *, precision: str,
+                 budget_s: float | None, say: Any, quiet: bool):
+        self.metrics, self.progress, self.say = metrics, progress, say
+        self.precision, self.budget_s = precision, budget_s
+        self.nll = self.count = 0.0
+        self.last_loss: float | None = None
+        self.t_rate = self.t_speed = time.perf_counter()
+        self.tokens_rate = self.tokens_speed = tokens
+        self.speed_said = quiet
+
+    def add(self, loss_sum: float, count: float) -> None:
+        """A step that updated the weights (skipped steps do not count in the window's loss)."""
+        self.nll += loss_sum
+        self.count += count
+
+    def write(self, state: Any, m: Any, done: bool) -> None:
+        total, budget_s, progress = state.total_steps, self.budget_s, self.progress
+        now = time.perf_counter()
+        tok_s = (state.tokens - self.tokens_rate) / max(1e-9, now - self.t_rate)
+        self.t_rate, self.tokens_rate = now, state.tokens
+        window_loss = self.nll / self.count if self.count else None  # None: all skipped
+        self.last_loss = window_loss if window_loss is not None else self.last_loss
+        self.metrics.log("train", state.step, loss=window_loss, lr=m.lr, tokens=state.tokens, tok_s=tok_s,
+                         seconds=round(state.train_seconds, 2), grad_norm=m.grad_norm,
+                         skipped_steps=state.skipped_steps)
+        self.nll = self.count = 0.0
+        eta = eta_seconds(state.step, total, state.train_seconds, budget_s)
+        if total is None and budget_s and state.step > 0:
+            progress.set_total(max(state.step, int(state.step * budget_s / max(state.train_seconds, 1e-9))))
+        progress.update(state.step, total, self.last_loss if self.last_loss is not None else math.nan, tok_s, m.lr,
+                        eta)
+        if not self.speed_said and (state.step >= SPEED_STEPS or done):
+            self.speed_said = True
+            rate = (state.tokens - self.tokens_speed) / max(1e-9, now - self.t_speed)
+            need = total * state.global_batch * state.seq_len / rate if total and rate > 0 else None
+            left = f"; {total:,} steps take about {format_seconds(need)} at this rate" if need else ""
+            (progress.write if progress.enabled else self.say)(
+                f"speed: {rate:,.0f} tokens/s in {self.precision} over the first {state.step} steps{left}")
+
+
+def eta_seconds(step: int, total: int | None, elapsed: float, budget_s: float | None) -> float | None:
+    candidates = []
+    if total is not None and step > 0:
+        candidates.append((total - step) * elapsed / step)
+    if budget_s is not None:
+        candidates.append(max(0.0, budget_s - elapsed))
+    return min(candidates) if candidates else None
+
+
 def format_seconds(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"

@@ -1,10 +1,12 @@
-"""Pieces of one training step: precision, the summed loss of a batch, signals, the ETA.
+"""Pieces of one training step (``trainer.train_step``): what it works on and returns, the summed loss of a batch,
+clipping, the carry check, the stop signals.
 
 Kept apart from the loop (``trainer.py``); the precision policy is ``blockstate.runtime.device``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from typing import Any
 
@@ -19,6 +21,31 @@ except ImportError:  # a torch build without distributed: no DTensor gradients e
 from blockstate.data import IGNORE_INDEX
 from blockstate.models.modeling_blockstate import check_input_ids
 from blockstate.training import distributed as D
+from blockstate.training.config import TrainConfig
+
+
+@dataclasses.dataclass
+class StepParts:
+    """What an optimiser step works on: the model (``wrapped`` by DDP / FSDP, or the model itself), its optimiser,
+    the settings (schedule, clipping), the processes and the precision policy."""
+
+    model: torch.nn.Module
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
+    info: D.DistInfo
+    autocast: Any
+    stateful: bool  # the model carries state across segments (TrainState.carry)
+    budget_s: float | None = None  # a time budget: without a step count the cosine follows time
+
+
+@dataclasses.dataclass
+class StepMetrics:
+    loss_sum: float  # summed NLL over all ranks' targets
+    count: float  # target tokens over all ranks
+    grad_norm: float  # before clipping
+    lr: float
+    skipped: bool  # not finite: no update
 
 
 class StopSignals:
@@ -44,11 +71,6 @@ class StopSignals:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-
-
-def carries_state(model: torch.nn.Module) -> bool:
-    """Whether the model hands state from one segment to the next (registry convention; BST models do not)."""
-    return bool(getattr(D.unwrap(model), "carries_state", False))
 
 
 def step_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, autocast,
@@ -94,12 +116,3 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
 def carry_is_finite(carry: Any) -> bool:
     """Whether a stateful model's carried state is finite (a NaN step must not poison the next segments)."""
     return all(bool(torch.isfinite(t).all()) for field in carry for t in field)
-
-
-def eta_seconds(step: int, total: int | None, elapsed: float, budget_s: float | None) -> float | None:
-    candidates = []
-    if total is not None and step > 0:
-        candidates.append((total - step) * elapsed / step)
-    if budget_s is not None:
-        candidates.append(max(0.0, budget_s - elapsed))
-    return min(candidates) if candidates else None
