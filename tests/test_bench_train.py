@@ -8,6 +8,7 @@ import torch
 from training_helpers import one_thread  # noqa: F401 (autouse: one CPU thread)
 
 from blockstate.benchmarks import train as bench
+from blockstate.benchmarks import train_contestants
 from blockstate.cli.main import main
 
 # slide carries W = 64 keys/values across steps, so its segments must hold more than W tokens
@@ -48,11 +49,11 @@ def test_time_limit_stops_a_model_at_longer_lengths():
 
 
 def test_a_training_step_changes_the_weights_and_carries_state():
-    c = bench.build("slide", "tiny", 128)
+    c = train_contestants.build("slide", "tiny", 128)
     before = [p.detach().clone() for p in c.model.parameters()]
-    step = bench.make_step(c, bench.make_batch(257, 1, 128), torch.device("cpu"), "fp32")
+    step = train_contestants.make_step(c, train_contestants.make_batch(257, 1, 128), torch.device("cpu"), "fp32")
     step()
-    assert c.carry is not None  # the next step continues from this one, as in training
+    assert c.state.carry is not None and c.state.step == 1  # the trainer's step: the next continues from this one
     assert any(not torch.equal(a, p) for a, p in zip(before, c.model.parameters()))
     step()
 
@@ -80,3 +81,18 @@ def test_bad_flags_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "train.json").exists()
+
+
+def test_the_bench_times_the_trainers_own_step(monkeypatch):
+    import blockstate.training.trainer as trainer
+
+    real, calls = trainer.train_step, []
+
+    def spy(parts, state, batches):
+        calls.append(len(batches))
+        return real(parts, state, batches)
+
+    monkeypatch.setattr(trainer, "train_step", spy)
+    c = train_contestants.build("bst-sh-s4", "tiny", 64)
+    train_contestants.make_step(c, train_contestants.make_batch(257, 1, 64), torch.device("cpu"), "fp32")()
+    assert calls == [1] and c.state.step == 1 and c.state.tokens == 63

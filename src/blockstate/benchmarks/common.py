@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: machine description, timing, result files."""
+"""Shared benchmark plumbing: machine description, timing (one call, or contestants interleaved), result files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,74 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(step: Callable[[], Any], device: torch.device) -> float:
+    """Seconds for one call: CUDA events around it on a GPU, perf_counter on a CPU."""
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@dataclass
+class Cells:
+    """What ``interleave`` measured: each contestant's warm-up result and timed seconds, and those that ran out of
+    memory (in order; they have no times)."""
+
+    warm: dict[str, Any] = field(default_factory=dict)
+    times: dict[str, list[float]] = field(default_factory=dict)
+    out_of_memory: list[str] = field(default_factory=list)
+
+
+def interleave(names: Iterable[str], run_one: Callable[[str], float], *, repeats: int,
+               warm: Callable[[str], Any] | None = None, on_oom: Callable[[str], None] | None = None) -> Cells:
+    """The benchmark harness: ``warm(name)`` once per contestant (building it, untimed warm-up steps: the first
+    out-of-memory shows here), then ``repeats`` rounds of ``run_one(name)`` (seconds) over every contestant in turn,
+    so machine drift hits all alike. An out-of-memory error drops the contestant (``on_oom(name)`` cleans up) and
+    is recorded as its cell; any other error propagates."""
+    cells = Cells()
+    for name in names:
+        try:
+            cells.warm[name] = warm(name) if warm is not None else None
+            cells.times[name] = []
+        except RuntimeError as exc:
+            _out_of_memory(exc, name, cells, on_oom)
+    for _ in range(repeats):
+        for name in list(cells.times):
+            try:
+                cells.times[name].append(run_one(name))
+            except RuntimeError as exc:
+                cells.times.pop(name)
+                _out_of_memory(exc, name, cells, on_oom)
+    return cells
+
+
+def _out_of_memory(exc: RuntimeError, name: str, cells: Cells, on_oom: Callable[[str], None] | None) -> None:
+    if not is_oom(exc):
+        raise exc
+    cells.out_of_memory.append(name)
+    if on_oom is not None:
+        on_oom(name)
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    """Median, min and max of a contestant's seconds."""
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
 def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median, min and max wall seconds over ``repeats`` runs after ``warmup`` runs (synchronised on CUDA)."""
+    """Median, min and max wall seconds over ``repeats`` runs after ``warmup`` runs of one call (synchronised on
+    CUDA); ``interleave`` for several contestants."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -54,7 +121,7 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 5, war
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+    return spread(times)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

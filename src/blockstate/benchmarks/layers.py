@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import statistics
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,7 +36,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from blockstate.benchmarks.common import machine, sync, write_json
+from blockstate.benchmarks.common import interleave, is_oom, machine, spread, timed, write_json
 from blockstate.benchmarks.layers_report import goals, load, plot, ratio_rows, tables
 
 BST = [f"bst-{v}-{k}" for k in ("s4", "unstructured") for v in ("sh", "mh", "mf")]
@@ -158,21 +156,6 @@ def make_step(layer: nn.Module, x: torch.Tensor, mode: str, s: Setting) -> Calla
     return step
 
 
-def timed(step: Callable[[], None], device: torch.device) -> float:
-    """Seconds for one call: CUDA events around it on a GPU, perf_counter on a CPU."""
-    sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1000
-    t0 = time.perf_counter()
-    step()
-    return time.perf_counter() - t0
-
-
 class PeakTensorMemory(TorchDispatchMode):
     """Bytes of tensor storage alive at the peak of a call on any device: every op's outputs are counted when
     created and uncounted when their storage is freed. Like CUDA's ``max_memory_allocated``, it sees what the
@@ -237,10 +220,6 @@ def memory_pass(todo: dict[str, list[int]], s: Setting, device: torch.device) ->
     return peaks
 
 
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def run_grid(names: list[str], lengths: list[int], s: Setting, device: torch.device, repeats: int = 3,
              warmup: int = 1, time_limit: float | None = 10.0, memory: bool = True,
              log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -258,28 +237,20 @@ def run_grid(names: list[str], lengths: list[int], s: Setting, device: torch.dev
             torch.manual_seed(0)
             layers[n] = build(n, s, length).to(device)
         for mode in ("forward", "backward"):
-            times: dict[str, list[float]] = {n: [] for n in active}
-            for n in active:  # warm-up (and the first out-of-memory) outside the timed rounds
-                try:
-                    for _ in range(warmup):
-                        make_step(layers[n], x, mode, s)()
-                except RuntimeError as exc:
-                    if not is_oom(exc):
-                        raise
-                    stopped[n] = f"out of memory at {length}"
-                    times.pop(n)
-            for _ in range(repeats):  # round robin: drift hits every layer alike
-                for n in times:
-                    times[n].append(timed(make_step(layers[n], x, mode, s), device))
-            for n, t in times.items():
-                results[n][mode][length] = {"median": statistics.median(t), "min": min(t), "max": max(t)}
+            steps = {n: make_step(layers[n], x, mode, s) for n in active}
+            cells = interleave(active, lambda n, steps=steps: timed(steps[n], device), repeats=repeats,
+                               warm=lambda n, steps=steps: [steps[n]() for _ in range(warmup)])
+            for n in cells.out_of_memory:
+                stopped[n] = f"out of memory at {length}"
+            for n, t in cells.times.items():
+                results[n][mode][length] = spread(t)
         for n in active:
             r = results[n]["backward"].get(length)
             if n not in stopped and time_limit is not None and r and r["median"] > time_limit:
                 stopped[n] = f"forward+backward {r['median']:.1f} s > {time_limit:g} s at {length}"
         log(f"  L={length}: " + ", ".join(f"{n} {1000 * results[n]['forward'][length]['median']:.0f} ms"
                                           for n in active if length in results[n]["forward"]))
-        del layers
+        del layers, steps  # the step closures hold the layers too
     if memory:
         peaks = memory_pass({n: sorted(results[n]["backward"]) for n in names}, s, device)
         for n, per_length in peaks.items():

@@ -2,10 +2,12 @@
 gradient clipping and the trainer's AdamW step) for every registered model at the same size preset (so the same
 parameter budget: the registry matches every model to BST:SH:S4 within 5%) and the same sequence lengths.
 
-Each step is the trainer's own step (``blockstate.training``: its parameter groups, optimiser, precision policy
-and summed-NLL loss); models that carry state across segments (Slide, Transformer-XL, BRecT) get the previous
-step's carry, as in training. ``max_train_length`` is set to the benchmarked length, as ``blockstate train
---seq-len`` does: Transformer-XL's window is half of it, the explicit kernels have one tap per position.
+Each step is the trainer's own ``train_step`` (``blockstate.training.trainer``: its parameter groups, optimiser,
+precision policy, summed-NLL loss, clipping and finiteness checks), on a synthetic batch handed over on the host as
+the data loader hands it; models that carry state across segments (Slide, Transformer-XL, BRecT) get the previous
+step's carry, as in training. Only the schedule differs: a constant learning rate (no warmup).
+``max_train_length`` is set to the benchmarked length, as ``blockstate train --seq-len`` does: Transformer-XL's
+window is half of it, the explicit kernels have one tap per position.
 
 Per length, every model is built and warmed up (one step), then the timed steps run round robin, so machine drift
 hits every model alike. The table reports the median tokens/s with its min and max. A model whose warm-up or
@@ -28,93 +30,21 @@ import gc
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from blockstate.benchmarks.common import machine, write_json
+from blockstate.benchmarks.common import interleave, is_oom, machine, spread, write_json
+from blockstate.benchmarks.common import timed as time_one
 from blockstate.benchmarks.flops import mfu, peak_bf16_flops, step_flops
-from blockstate.benchmarks.layers import is_oom, parse_lengths, peak_bytes
-from blockstate.benchmarks.layers import timed as time_one
+from blockstate.benchmarks.layers import parse_lengths, peak_bytes
+from blockstate.benchmarks.train_contestants import Contestant, build, make_batch, make_step, state_bytes, visit
 from blockstate.benchmarks.train_report import plot, table
 
 DEFAULT_LENGTHS = "1k,4k,16k"
 PRECISIONS = ("auto", "fp32", "bf16")
 CPU_TIME_LIMIT = 30.0  # seconds per step; a model past it is not run at longer lengths
-
-
-@dataclass
-class Contestant:
-    name: str
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    stateful: bool
-    parameters: int
-    carry: Any = None
-
-
-def build(name: str, size: str, length: int, seed: int = 0) -> Contestant:
-    """The model at ``size`` trained on segments of ``length``, with the trainer's optimiser (on the host)."""
-    from blockstate.registry import carries_state, create_model
-    from blockstate.training import TrainConfig, build_optimizer, group_of_parameters
-
-    torch.manual_seed(seed)
-    model = create_model(name, size, max_train_length=length)
-    optimizer = build_optimizer(model, group_of_parameters(model), TrainConfig())
-    return Contestant(name, model, optimizer, carries_state(model), sum(p.numel() for p in model.parameters()))
-
-
-def visit(c: Contestant, device: torch.device) -> None:
-    """Move a model, its optimiser moments and its carry to ``device`` (AdamW's step counters stay on the host)."""
-    c.model.to(device)
-    for state in c.optimizer.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value) and key != "step":
-                state[key] = value.to(device)
-    if c.carry is not None:
-        from blockstate.registry import map_carry
-
-        c.carry = map_carry(lambda t: t.to(device), c.carry)
-
-
-def state_bytes(c: Contestant) -> int:
-    params = sum(p.numel() * p.element_size() for p in c.model.parameters())
-    moments = sum(v.numel() * v.element_size() for s in c.optimizer.state.values() for k, v in s.items()
-                  if torch.is_tensor(v) and k != "step")
-    return params + moments
-
-
-def make_batch(vocab: int, batch: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (batch, length), generator=g)
-    return {"input_ids": ids, "labels": ids.clone(), "reset": torch.zeros(batch, dtype=torch.bool)}
-
-
-def make_step(c: Contestant, batch: dict[str, torch.Tensor], device: torch.device, precision: str,
-              grad_clip: float = 1.0) -> Callable[[], None]:
-    """One training step as ``blockstate train`` runs it: summed NLL / target count, backward, clip, AdamW."""
-    from blockstate.runtime.device import autocast_factory
-    from blockstate.training.steps import step_nll
-
-    autocast = autocast_factory(precision, device)
-    # on the device before the timed steps, as a prefetching loader leaves them; the reset flags stay on the host,
-    # where the trainer's step_nll hands them to the model (no host-device sync)
-    batch = {k: v if k == "reset" else v.to(device) for k, v in batch.items()}
-    count = max(1, batch["input_ids"].numel() - batch["input_ids"].shape[0])
-
-    def step() -> None:
-        c.model.train()
-        nll, carry = step_nll(c.model, batch, device, autocast, c.carry, c.stateful)
-        (nll / count).backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(c.model.parameters(), grad_clip)
-        c.optimizer.step()
-        c.optimizer.zero_grad(set_to_none=True)
-        c.carry = carry
-
-    return step
 
 
 def _cuda_peak(step: Callable[[], None], device: torch.device) -> float:
@@ -128,6 +58,52 @@ def _cuda_peak(step: Callable[[], None], device: torch.device) -> float:
 
 
 _cuda_peak.last = 0
+
+
+class _Length:
+    """The contestants at one length for ``interleave``: built and warmed up, then timed in turn; on CUDA each
+    visits the GPU for its turn only (moved outside the timed region) and its peak memory is recorded."""
+
+    def __init__(self, length: int, *, size: str, batch: int, warmup: int, device: torch.device, precision: str,
+                 flops: dict[tuple[str, int], int] | None):
+        self.length, self.size, self.batch, self.warmup = length, size, batch, warmup
+        self.device, self.precision, self.flops = device, precision, flops
+        self.offload = device.type == "cuda"
+        self.contestants: dict[str, Contestant] = {}
+        self.steps: dict[str, Callable[[], None]] = {}
+        self.peaks: dict[str, int] = {}
+
+    def warm_up(self, n: str) -> float:
+        """Seconds of the slowest warm-up step (the first out-of-memory shows here)."""
+        c = self.contestants[n] = build(n, self.size, self.length)
+        visit(c, self.device)
+        batch = make_batch(int(c.model.config.vocab_size), self.batch, self.length)
+        step = self.steps[n] = make_step(c, batch, self.device, self.precision)
+        seconds = max(time_one(step, self.device) for _ in range(self.warmup))
+        if self.flops is not None:
+            self.flops[(n, self.length)] = step_flops(step)
+        if self.offload:
+            visit(c, torch.device("cpu"))
+        self.peaks[n] = 0
+        return seconds
+
+    def run_one(self, n: str) -> float:
+        if not self.offload:
+            return time_one(self.steps[n], self.device)
+        visit(self.contestants[n], self.device)
+        seconds = _cuda_peak(self.steps[n], self.device)
+        self.peaks[n] = max(self.peaks[n], _cuda_peak.last)
+        visit(self.contestants[n], torch.device("cpu"))
+        return seconds
+
+    def release(self, n: str) -> None:
+        """Out of memory: back to the host, and let go."""
+        self.steps.pop(n, None)
+        c = self.contestants.pop(n, None)
+        if c is not None:
+            visit(c, torch.device("cpu"))
+        del c
+        _release(self.device)
 
 
 def run_grid(names: list[str], lengths: list[int], *, size: str = "tiny", batch: int = 1, steps: int = 3,
@@ -145,52 +121,18 @@ def run_grid(names: list[str], lengths: list[int], *, size: str = "tiny", batch:
         active = [n for n in names if n not in stopped]
         if not active:
             break
-        contestants: dict[str, Contestant] = {}
-        steps_of: dict[str, Callable[[], None]] = {}
-        warm: dict[str, float] = {}
-        for n in active:  # build and warm up; the first out-of-memory shows here
-            try:
-                c = build(n, size, length)
-                vocab = int(c.model.config.vocab_size)
-                visit(c, device)
-                step = make_step(c, make_batch(vocab, batch, length), device, precision)
-                warm[n] = max(time_one(step, device) for _ in range(warmup))
-                if flops:
-                    flop_counts[(n, length)] = step_flops(step)
-                if offload:
-                    visit(c, torch.device("cpu"))
-                contestants[n], steps_of[n] = c, step
-            except RuntimeError as exc:
-                if not is_oom(exc):
-                    raise
-                stopped[n] = f"out of memory at {length:,}"
-                _release(device)
-        times: dict[str, list[float]] = {n: [] for n in contestants}
-        peaks: dict[str, int] = {n: 0 for n in contestants}
-        for _ in range(steps):  # round robin: drift hits every model alike
-            for n in list(times):
-                c = contestants[n]
-                try:
-                    if offload:
-                        visit(c, device)
-                        times[n].append(_cuda_peak(steps_of[n], device))
-                        peaks[n] = max(peaks[n], _cuda_peak.last)
-                        visit(c, torch.device("cpu"))
-                    else:
-                        times[n].append(time_one(steps_of[n], device))
-                except RuntimeError as exc:
-                    if not is_oom(exc):
-                        raise
-                    stopped[n] = f"out of memory at {length:,}"
-                    times.pop(n)
-                    visit(c, torch.device("cpu"))
-                    _release(device)
+        at = _Length(length, size=size, batch=batch, warmup=warmup, device=device, precision=precision,
+                     flops=flop_counts if flops else None)
+        cells = interleave(active, at.run_one, repeats=steps, warm=at.warm_up, on_oom=at.release)
+        for n in cells.out_of_memory:
+            stopped[n] = f"out of memory at {length:,}"
+        contestants, peaks = at.contestants, at.peaks
+        warm, times = cells.warm, cells.times
         for n, t in times.items():
             c = contestants[n]
             tokens = batch * length
             row = {"length": length, "tokens_per_s": tokens / statistics.median(t), "tokens_per_s_min": tokens / max(t),
-                   "tokens_per_s_max": tokens / min(t), "step_s": {"median": statistics.median(t), "min": min(t),
-                                                                   "max": max(t), "warmup": warm[n]},
+                   "tokens_per_s_max": tokens / min(t), "step_s": {**spread(t), "warmup": warm[n]},
                    "parameters": c.parameters, "state_mib": state_bytes(c) / 2**20,
                    "peak_mib": peaks[n] / 2**20 if offload else None}
             if flops:
@@ -202,7 +144,7 @@ def run_grid(names: list[str], lengths: list[int], *, size: str = "tiny", batch:
                 stopped[n] = f"a step took {slowest:.1f} s > {time_limit:g} s at {length:,}"
         log(f"  L={length:,}: " + ", ".join(f"{n} {r[-1]['tokens_per_s']:,.0f} tok/s" for n, r in results.items()
                                            if r and r[-1]["length"] == length))
-        del contestants, steps_of
+        del contestants, at
         _release(device)
     memory_note = "CUDA allocator peak above parameters + optimiser state, during a timed step"
     if device.type == "cpu":
