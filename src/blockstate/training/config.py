@@ -10,9 +10,11 @@ has native bf16) was picked on validation bits per byte after 1M tokens: batch 4
 2.80 (lr 2e-3), 2.90 (1.5e-3), 2.94 (3e-3), 3.02 (5e-3); batch 16: 3.12 (3e-3), 3.32 (6e-3). Small batches
 learn the most per token at this scale, and they are also the fastest per token on 2 cores.
 
+Each field is declared once (:func:`setting`): default, kind of value, ``--help`` group and text. ``validate``,
+the flags of ``blockstate train`` (``blockstate.cli.train``) and the config-file keys are derived from that.
 Fields split into two kinds. *Identity* fields define what is trained (model, data, optimiser, batch, seed...):
 resuming a run with a different value is an error, because the result would silently be another experiment.
-Everything else (budget, logging, evaluation cadence, output chatter) may change on ``--resume``.
+The ``mutable`` rest (budget, logging, evaluation cadence, output chatter) may change on ``--resume``.
 """
 
 from __future__ import annotations
