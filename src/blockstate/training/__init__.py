@@ -11,7 +11,8 @@ The command line is ``blockstate train`` (``blockstate.cli.train``).
 
 from blockstate.training.config import DEFAULT_TOKENS, TrainConfig, load_config_file, merge
 from blockstate.training.optim import build_optimizer, group_of_parameters, lr_factor
-from blockstate.training.trainer import Trainer, TrainResult
+from blockstate.training.state import TrainResult
+from blockstate.training.trainer import Trainer
 
 __all__ = [
     "DEFAULT_TOKENS",
