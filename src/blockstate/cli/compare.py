@@ -133,7 +133,7 @@ def settings(args: argparse.Namespace):
 
 def rows(text: str, size: str, model_args: dict) -> list[str]:
     """``--models``: registered names (ValueError naming the known ones) or ``<model>:nocarry`` controls."""
-    from blockstate.benchmarks.compare import NOCARRY, CompareSettings, carries_state, split_row
+    from blockstate.benchmarks.compare import NOCARRY, CompareSettings, row_carries_state, split_row
     from blockstate.benchmarks.train import parse_models
 
     if text.strip().lower() == "all":
@@ -148,9 +148,9 @@ def rows(text: str, size: str, model_args: dict) -> list[str]:
         name = parse_models(model)[0]
         if extra:
             base = CompareSettings(size=size, model_args={k: v for k, v in model_args.items() if k != "carry_state"})
-            stateful = carries_state(name, base)  # first: a model without state has no carry_state field either
+            stateful = row_carries_state(name, base)  # first: a model without state has no carry_state field either
             try:
-                control = stateful and carries_state(name + NOCARRY, probe)
+                control = stateful and row_carries_state(name + NOCARRY, probe)
             except ValueError as exc:
                 raise ValueError(f"--models {row}: {name} cannot drop its carried state ({exc})") from None
             if not stateful or control:
