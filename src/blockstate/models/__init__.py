@@ -1,4 +1,6 @@
-"""Configs, Hugging Face wrappers and presets: the BST model and the paper's baselines (spec section 8)."""
+"""Configs, Hugging Face wrappers and named sizes: the BST model and the paper's baselines (spec section 8).
+
+Names and parameter counts of the registered models are ``blockstate.registry``'s (it imports this package)."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -20,7 +22,7 @@ from blockstate.models.modeling_blockstate import (
     BlockStatePreTrainedModel,
     causal_lm_loss,
 )
-from blockstate.models.presets import SIZES, count_parameters, parameter_table, preset_config
+from blockstate.models.presets import SIZES, preset_config
 from blockstate.models.stateful import SegmentCarry, SegmentLMOutput, map_carry
 
 AutoConfig.register(BlockStateConfig.model_type, BlockStateConfig, exist_ok=True)
@@ -49,9 +51,7 @@ __all__ = [
     "SegmentCarry",
     "SegmentLMOutput",
     "causal_lm_loss",
-    "count_parameters",
     "default_bst_layers",
     "map_carry",
-    "parameter_table",
     "preset_config",
 ]
