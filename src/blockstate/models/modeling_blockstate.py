@@ -35,8 +35,9 @@ class BlockStatePreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["ssm"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Children are initialised before parents and a tensor is never initialised twice, so each Linear reads
-        # its own scheme from flags its owner set at construction (see BlockTransformerLayer, ImplicitKernel).
+        # Children are initialised before parents (and a loaded tensor is never initialised again), so each Linear reads
+        # its own scheme from flags its owner set at construction (see BlockTransformerLayer, ImplicitKernel); the
+        # kernels, context states and per-head projections initialise their own tensors (``init_parameters``).
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             if getattr(module, "_init_fan_in_uniform", False):
