@@ -289,9 +289,14 @@ def matched_ffn(name: str, size: str, overrides: dict[str, Any], target: int | N
 _MATCHED_FFN: dict[str, int] = {}
 
 
+def _shared_size_fields(size: str, config_class: type[PretrainedConfig]) -> dict[str, Any]:
+    """The fields of ``size`` that ``config_class`` has: a baseline leaves out BST's own (S)."""
+    return {k: v for k, v in size_fields(size).items() if k in known_fields(config_class)}
+
+
 def _attention(kind: str) -> Callable[..., PretrainedConfig]:
     def build(size: str, **overrides: Any) -> BlockTransformerConfig:
-        fields = {**size_fields(size), "intermediate_size": ATTENTION_FFN[size]}
+        fields = {**_shared_size_fields(size, BlockTransformerConfig), "intermediate_size": ATTENTION_FFN[size]}
         if kind == "gpt":  # one block as long as the sequence: full causal attention, nothing to carry
             fields.update(block_size=FULL_ATTENTION, attend_previous_block=False, carry_state=False)
         elif kind == "slide":  # each token sees the previous W tokens; the last window carries over
@@ -307,13 +312,13 @@ def _attention(kind: str) -> Callable[..., PretrainedConfig]:
 
 
 def _brect(size: str, **overrides: Any) -> BlockRecurrentConfig:
-    fields = {**size_fields(size), "intermediate_size": BRECT_FFN[size]}
+    fields = {**_shared_size_fields(size, BlockRecurrentConfig), "intermediate_size": BRECT_FFN[size]}
     fields["num_state_vectors"] = overrides.get("block_size", fields["block_size"])  # S = W, as in the paper
     return BlockRecurrentConfig(**{**fields, **overrides})
 
 
 def _gss(size: str, **overrides: Any) -> GatedStateSpaceConfig:
-    return GatedStateSpaceConfig(**{**size_fields(size), **GSS[size], **overrides})
+    return GatedStateSpaceConfig(**{**_shared_size_fields(size, GatedStateSpaceConfig), **GSS[size], **overrides})
 
 
 def _register_defaults() -> None:

@@ -15,7 +15,12 @@ from blockstate.models.configuration_baselines import (
     BlockTransformerConfig,
     GatedStateSpaceConfig,
 )
-from blockstate.models.configuration_blockstate import BlockStateConfig, default_bst_layers
+from blockstate.models.configuration_blockstate import (
+    BlockLMConfig,
+    BlockStateConfig,
+    SSMKernelConfig,
+    default_bst_layers,
+)
 from blockstate.models.modeling_blockstate import (
     BlockStateForCausalLM,
     BlockStateModel,
@@ -37,6 +42,7 @@ AutoModel.register(GatedStateSpaceConfig, GatedStateSpaceModel, exist_ok=True)
 
 __all__ = [
     "SIZES",
+    "BlockLMConfig",
     "BlockRecurrentConfig",
     "BlockRecurrentForCausalLM",
     "BlockStateConfig",
@@ -48,6 +54,7 @@ __all__ = [
     "GatedStateSpaceConfig",
     "GatedStateSpaceForCausalLM",
     "GatedStateSpaceModel",
+    "SSMKernelConfig",
     "SegmentCarry",
     "SegmentLMOutput",
     "causal_lm_loss",
