@@ -137,7 +137,10 @@ def test_a_misspelt_model_arg_is_refused_before_anything_runs(env, tmp_path, cap
     bad.write_text(TINY_YAML.replace("hidden_size: 32", "hiden_size: 32") + f"data: {env / 'corpus'}\n")
     err = one_line_error(capsys, ["train", "--config", str(bad), "--output", str(out)])
     assert f"unknown model_args key in {bad} 'hiden_size'" in err and "did you mean 'hidden_size'?" in err
-    err = one_line_error(capsys, [*base(env), "--output", str(out), "--model", "gpt", "--model-arg", "bst_layer=[0]"])
+    gpt = tmp_path / "gpt.yaml"  # without BST's S, which gpt has not
+    gpt.write_text(TINY_YAML.replace(",\n             num_context_states: 4}", "}") + f"data: {env / 'corpus'}\n")
+    err = one_line_error(capsys, ["train", "--config", str(gpt), "--output", str(out), "--model", "gpt", "--model-arg",
+                                  "bst_layer=[0]"])
     assert "for model gpt" in err and "did you mean 'bst_layers'?" in err
     assert not (tmp_path / "runs").exists()
 
@@ -186,7 +189,7 @@ def test_the_model_help_lists_every_registered_model(capsys):
 
 def test_the_log_prints_gpt_full_attention_as_w_full(env, tmp_path, capsys):
     gpt = tmp_path / "gpt.yaml"  # no block_size: gpt's own (one block as long as the input)
-    gpt.write_text(TINY_YAML.replace("block_size: 16\n", "").replace(", num_context_states: 4", "")
+    gpt.write_text(TINY_YAML.replace("block_size: 16\n", "").replace(",\n             num_context_states: 4}", "}")
                    + f"data: {env / 'corpus'}\ncache_dir: {env / 'cache'}\n")
     argv = ["train", "--config", str(gpt), "--model", "gpt", "--steps", "1", "--no-final-eval", "--output"]
     assert main([*argv, str(tmp_path / "g")]) == 0

@@ -2,8 +2,9 @@
 
 import pytest
 
-from blockstate.models import BlockStateConfig, count_parameters, parameter_table, preset_config
+from blockstate.models import BlockStateConfig, preset_config
 from blockstate.models.configuration_blockstate import default_bst_layers
+from blockstate.registry import count_model_parameters, parameter_table
 
 
 @pytest.mark.parametrize(
@@ -45,17 +46,17 @@ def test_presets_and_parameter_counts():
     assert preset_config("tiny", hidden_size=128).hidden_size == 128
     from blockstate import BlockStateForCausalLM
 
-    assert count_parameters(tiny) == sum(p.numel() for p in BlockStateForCausalLM(tiny).parameters())
+    assert count_model_parameters("bst-mf-s4", "tiny") == sum(p.numel()
+                                                               for p in BlockStateForCausalLM(tiny).parameters())
     with pytest.raises(ValueError, match="size"):
         preset_config("huge")
 
 
 def test_paper_presets_near_reported_sizes():
-    rows = {(r["variant"], r["kernel"]): r for r in parameter_table(["paper"])}
-    small = {r["variant"] + r["kernel"]: r["parameters"] for r in parameter_table(["small"])}
-    assert 18e6 <= small["shs4d"] <= 22e6
+    ratio = {r["name"]: r["parameters"]["paper"] / r["paper"] for r in parameter_table(sizes=["paper"]) if r["paper"]}
+    assert 18e6 <= count_model_parameters("bst-sh-s4", "small") <= 22e6
     # SH within 5% of the paper; MH and MF add only SSM filters here (see README, "Parameter counts")
-    assert abs(rows[("sh", "s4d")]["ratio"] - 1) < 0.05
-    assert abs(rows[("sh", "unstructured")]["ratio"] - 1) < 0.05
-    for key in [("mh", "s4d"), ("mf", "s4d"), ("mf", "unstructured")]:
-        assert 0.88 < rows[key]["ratio"] < 1.0
+    assert abs(ratio["bst-sh-s4"] - 1) < 0.05
+    assert abs(ratio["bst-sh-unstructured"] - 1) < 0.05
+    for name in ["bst-mh-s4", "bst-mf-s4", "bst-mf-unstructured"]:
+        assert 0.88 < ratio[name] < 1.0

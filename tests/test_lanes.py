@@ -175,7 +175,9 @@ def test_train_lane_span_resets_carry_on_jumps_and_resumes_exactly(env, tmp_path
         return real(model, batch, device, autocast, carry, stateful)
 
     monkeypatch.setattr(trainer_mod, "step_nll", spy)
-    base = ["train", "--config", str(env / "tiny.yaml"), "--model", "slide", "--lane-span", "2", "--steps", "6",
+    slide = tmp_path / "slide.yaml"  # without BST's S, which slide has not
+    slide.write_text((env / "tiny.yaml").read_text().replace(",\n             num_context_states: 4}", "}"))
+    base = ["train", "--config", str(slide), "--model", "slide", "--lane-span", "2", "--steps", "6",
             "--save-every", "0"]
     ref = tmp_path / "ref"
     assert main([*base, "--output", str(ref)]) == 0

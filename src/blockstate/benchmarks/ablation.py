@@ -123,11 +123,11 @@ def equalize(model: str, size: str, args: dict[str, Any], target: int) -> tuple[
 def plan(size: str, arms: list[Arm], base_args: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every arm's model, overrides (parameters equalised) and parameter count, before anything trains.
     ``base_args`` are config overrides applied to the reference and every arm (an arm's own settings win)."""
-    from blockstate.registry import count_model_parameters, model_config
+    from blockstate.registry import REFERENCE_MODEL, count_model_parameters, model_config
 
     base_args = dict(base_args or {})
-    reference = model_config("bst-sh-s4", size, **base_args)
-    target = count_model_parameters("bst-sh-s4", size, **base_args)
+    reference = model_config(REFERENCE_MODEL, size, **base_args)
+    target = count_model_parameters(REFERENCE_MODEL, size, **base_args)
     rows = []
     for arm in arms:
         args = {**base_args, **_resolve(arm, {"block_size": reference.block_size})}

@@ -82,7 +82,7 @@ def split_row(row: str) -> tuple[str, dict[str, Any]]:
 _STATEFUL: dict[tuple[str, str, str], bool] = {}
 
 
-def carries_state(row: str, s: CompareSettings) -> bool:
+def row_carries_state(row: str, s: CompareSettings) -> bool:
     """Whether the row's model (with ``s.model_args``) carries state across training segments (built on the meta
     device; cached, as every run of a comparison asks)."""
     key = (row, s.size, json.dumps(s.model_args, sort_keys=True, default=str))
@@ -111,7 +111,7 @@ def train_config(s: CompareSettings, corpus: str, row: str, lr: float | None = N
         values["lr"] = lr if lr is not None else s.lr
     if s.model_args or extra:
         values["model_args"] = {**s.model_args, **extra}
-    if s.lane_span and carries_state(row, s):
+    if s.lane_span and row_carries_state(row, s):
         values["lane_span"] = s.lane_span
     values.update(s.train_args)
     return TrainConfig(**values).validate()
@@ -207,7 +207,7 @@ def run(s: CompareSettings, log: Any = print) -> dict[str, Any] | None:
         f"{s.tokens:,} training tokens each; runs in {s.runs}")
     entries: dict[str, dict[str, Any]] = {}
     for m in s.models:
-        stateful = carries_state(m, s)
+        stateful = row_carries_state(m, s)
         entries[m] = {"name": m, "model": split_row(m)[0], "carries_state": stateful,
                       "lane_span": s.lane_span if stateful else 0, "corpora": {}}
     started = time.perf_counter()

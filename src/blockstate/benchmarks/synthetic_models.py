@@ -59,11 +59,15 @@ def model_overrides(name: str, size: str, fields: dict[str, Any], fixed: set[str
     """The keyword overrides of ``create_model(name, size, **overrides)`` for one task: ``fields`` (from
     :func:`shared_fields`) plus the model's budget knob matched to BST:SH:S4, unless the user fixed it
     (``fixed``: the keys given with ``--model-arg``)."""
-    from blockstate.registry import count_model_parameters, get_model_entry
+    from blockstate.registry import count_model_parameters, get_model_entry, known_fields
 
-    name = get_model_entry(name).name
+    entry = get_model_entry(name)
+    name = entry.name
     fixed = fixed or set()
-    overrides = dict(fields)
+    # the shared widths include BST's S, which a baseline's config does not have; what the user gave stays (and is
+    # refused by a model without that field)
+    known = known_fields(type(entry.config(size)))
+    overrides = {k: v for k, v in fields.items() if k in known or k in fixed}
     if name in OWN_WINDOW and "block_size" not in fixed:
         del overrides["block_size"]
     if name == "gss-hybrid":  # its depth always follows the shared depth; its other layout fields unless given

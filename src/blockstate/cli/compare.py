@@ -131,16 +131,28 @@ def settings(args: argparse.Namespace):
                            progress=not args.no_progress, overwrite=args.overwrite, command=command_line(args))
 
 
+def model_args_fit(names: list[str], size: str, model_args: dict) -> list[str]:
+    """``names``, once every ``--model-arg`` is a field of each of their configs: they apply to every row, and a
+    field one row's model lacks (BST's ``ssm_state_size`` for slide) is one line naming the row and the field."""
+    from blockstate.registry import check_overrides, model_config
+
+    for name in dict.fromkeys(names):
+        check_overrides(name, type(model_config(name, size)), model_args, "--model-arg")
+    return names
+
+
 def rows(text: str, size: str, model_args: dict) -> list[str]:
     """``--models``: registered names (ValueError naming the known ones) or ``<model>:nocarry`` controls."""
-    from blockstate.benchmarks.compare import NOCARRY, CompareSettings, carries_state, split_row
+    from blockstate.benchmarks.compare import NOCARRY, CompareSettings, row_carries_state, split_row
     from blockstate.benchmarks.train import parse_models
 
+    shared = {k: v for k, v in model_args.items() if k != "carry_state"}  # carry_state: the row checks below
     if text.strip().lower() == "all":
-        return parse_models(text)
+        return model_args_fit(parse_models(text), size, shared)
     wanted = [t.strip() for t in text.split(",") if t.strip()]
     if not wanted:
         raise ValueError("--models is empty: name registered models (blockstate models lists them) or all")
+    model_args_fit([parse_models(split_row(row)[0])[0] for row in wanted], size, shared)
     out = []
     probe = CompareSettings(size=size, model_args=model_args)
     for row in wanted:
@@ -148,9 +160,9 @@ def rows(text: str, size: str, model_args: dict) -> list[str]:
         name = parse_models(model)[0]
         if extra:
             base = CompareSettings(size=size, model_args={k: v for k, v in model_args.items() if k != "carry_state"})
-            stateful = carries_state(name, base)  # first: a model without state has no carry_state field either
+            stateful = row_carries_state(name, base)  # first: a model without state has no carry_state field either
             try:
-                control = stateful and carries_state(name + NOCARRY, probe)
+                control = stateful and row_carries_state(name + NOCARRY, probe)
             except ValueError as exc:
                 raise ValueError(f"--models {row}: {name} cannot drop its carried state ({exc})") from None
             if not stateful or control:

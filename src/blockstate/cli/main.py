@@ -22,13 +22,13 @@ from blockstate.quiet_interrupts import INTERRUPTED
 
 # subcommand name -> module (in blockstate.cli) defining register(subparsers) and run(args)
 SUBCOMMANDS = {
-    "presets": "blockstate.cli.presets",
     "demo": "blockstate.cli.demo",
     "bench": "blockstate.cli.bench",
     "train": "blockstate.cli.train",
     "eval": "blockstate.cli.eval",
     "generate": "blockstate.cli.generate",
     "models": "blockstate.cli.models",
+    "presets": "blockstate.cli.presets",  # an alias of models
     "compare": "blockstate.cli.compare",
     "ablate": "blockstate.cli.ablate",
     "synthetic": "blockstate.cli.synthetic",

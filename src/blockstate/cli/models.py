@@ -1,4 +1,4 @@
-"""``blockstate models``: every registered model (BST variants and baselines) with its parameters per size."""
+"""``blockstate models`` (alias ``blockstate presets``): every registered model with its parameters per size."""
 
 from __future__ import annotations
 
@@ -7,15 +7,23 @@ import json
 
 from blockstate.cli.formatting import DefaultsFormatter
 
+DESCRIPTION = ("List every registered model (BST variants and the baselines) with its parameter count at each size, "
+               "the ratio to the reference model and the paper's figure; any name here is a valid --model of "
+               "blockstate train.")
 
-def register(sub: argparse._SubParsersAction, name: str) -> None:
-    p = sub.add_parser(name, help="list every registered model with its parameter count per size",
-                       description="List every registered model (BST variants and the baselines) with its parameter "
-                       "count at each size; any name here is a valid --model of blockstate train.",
-                       formatter_class=DefaultsFormatter)
+
+def add_table_parser(sub: argparse._SubParsersAction, name: str, help: str,
+                     description: str) -> argparse.ArgumentParser:
+    """The parser of the table command; ``blockstate presets`` adds the same one under its own name."""
+    p = sub.add_parser(name, help=help, description=description, formatter_class=DefaultsFormatter)
     p.add_argument("--size", action="append", help="only these sizes (repeatable); default: all")
     p.add_argument("--model", action="append", help="only these models (repeatable); default: all")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def register(sub: argparse._SubParsersAction, name: str) -> None:
+    p = add_table_parser(sub, name, "list every registered model with its parameter count per size", DESCRIPTION)
     p.set_defaults(run=run)
 
 

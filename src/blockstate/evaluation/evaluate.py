@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockstate.data import IGNORE_INDEX, TokenizedSplit, eval_batches
+from blockstate.registry import carries_state
 
 
 @dataclasses.dataclass
@@ -103,7 +104,7 @@ def evaluate(model: nn.Module, data: TokenizedSplit, length: int, *, batch_token
     sums = torch.zeros(3, dtype=torch.float64)  # nll, tokens, segments
     pos_nll = torch.zeros(length - 1, dtype=torch.float64)
     pos_cnt = torch.zeros(length - 1, dtype=torch.float64)
-    stateful = bool(getattr(getattr(model, "module", model), "carries_state", False))
+    stateful = carries_state(model)
     if stateful:  # one lane per document at most: more lanes would only run idle rows
         batch = max(1, min(batch, -(-data.num_documents // world_size)))
     batches = eval_batches(data, length, batch, rank=rank, world_size=world_size, contiguous=stateful)

@@ -29,7 +29,7 @@ from torch import nn
 from blockstate.layers.attention import BlockAttention
 from blockstate.layers.cache import LayerCache
 from blockstate.layers.common import FeedForward, RMSNorm, num_blocks
-from blockstate.layers.ssm import LongConvSSM, make_kernel
+from blockstate.layers.ssm import LongConvSSM, kernel_from_config
 
 VARIANTS = ("sh", "mh", "mf")
 
@@ -50,12 +50,7 @@ class ContextStates(nn.Module):
         self.variant, self.block_size = config.variant, config.block_size
         dim = config.hidden_size
         filters = {"sh": 1, "mh": config.num_attention_heads, "mf": config.num_context_states}[config.variant]
-        kernel = make_kernel(
-            config.kernel, dim, filters, state_size=config.ssm_state_size, s4d_init=config.s4d_init,
-            dt_min=config.ssm_dt_min, dt_max=config.ssm_dt_max, max_train_length=config.max_train_length,
-            filter_hidden=config.filter_hidden_size, filter_bands=config.filter_num_bands,
-        )
-        self.ssm = LongConvSSM(dim, filters, kernel)
+        self.ssm = LongConvSSM(dim, filters, kernel_from_config(config, config.kernel, dim, filters))
         if self.variant == "mf":
             self.initial_context = nn.Parameter(torch.empty(filters, dim))
             self.context_ids = nn.Parameter(torch.empty(filters, dim))

@@ -22,7 +22,7 @@ What was followed, and what could not be checked against the paper's text (this 
   learnable dt and the D skip term (both kept here, as in DSS).
 
 ``gss_kernel`` other than ``"dss"`` (``"s4d"``, ``"unstructured"``, ``"explicit"``) runs the project's kernel of
-that name on the narrow branch instead (``make_kernel``, one filter per channel), for ablations. Either way the
+that name on the narrow branch instead (``kernel_from_config``, one filter per channel), for ablations. Either way the
 kernel is applied by ``LongConvSSM`` (the causal ``fft_causal_conv``) and its parameters are fp32 and tagged
 ``_ssm`` (lower learning rate, no weight decay).
 
@@ -43,7 +43,7 @@ from torch import nn
 
 from blockstate.layers.cache import LayerCache
 from blockstate.layers.common import RMSNorm
-from blockstate.layers.ssm import LongConvSSM, S4DKernel, _tag_ssm, make_kernel
+from blockstate.layers.ssm import LongConvSSM, S4DKernel, _tag_ssm, kernel_from_config
 from blockstate.ops import dss_as_s4d, dss_init, dss_kernel
 
 GSS_KERNELS = ("dss", "s4d", "unstructured", "explicit")
@@ -98,11 +98,7 @@ def gss_kernel(config, channels: int) -> nn.Module:
     """The narrow branch's kernel bank named by ``config.gss_kernel``."""
     if config.gss_kernel == "dss":
         return DSSKernel(channels, config.gss_state_size, config.s4d_init, config.ssm_dt_min, config.ssm_dt_max)
-    return make_kernel(
-        config.gss_kernel, channels, 1, state_size=config.ssm_state_size, s4d_init=config.s4d_init,
-        dt_min=config.ssm_dt_min, dt_max=config.ssm_dt_max, max_train_length=config.max_train_length,
-        filter_hidden=config.filter_hidden_size, filter_bands=config.filter_num_bands,
-    )
+    return kernel_from_config(config, config.gss_kernel, channels, 1)
 
 
 class GatedStateSpaceLayer(nn.Module):

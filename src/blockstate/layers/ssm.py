@@ -79,6 +79,10 @@ class _Sin(nn.Module):
         self.w = w
         self.freq = nn.Parameter(torch.full((dim,), w))
 
+    @torch.no_grad()
+    def init_parameters(self, std: float = 0.02) -> None:
+        init.constant_(self.freq, self.w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sin(self.freq * x)
 
@@ -99,19 +103,10 @@ class ImplicitKernel(nn.Module):
         layers.append(nn.Linear(width, channels * filters, bias=False))
         self.mlp = nn.Sequential(*layers)
         for layer in self.mlp:
-            layer._init_fan_in_uniform = True  # torch's default Linear init, also inside a PreTrainedModel
+            # torch's default Linear init (uniform, bound 1/sqrt(fan_in)), which a standalone kernel already has;
+            # inside a PreTrainedModel ``_init_weights`` reads the flag and applies the same (its one copy)
+            layer._init_fan_in_uniform = True
         _tag_ssm(*self.mlp.parameters())
-
-    @torch.no_grad()
-    def init_parameters(self, std: float = 0.02) -> None:
-        for layer in self.mlp:
-            if isinstance(layer, nn.Linear):
-                bound = 1 / math.sqrt(layer.in_features)
-                init.uniform_(layer.weight, -bound, bound)
-                if layer.bias is not None:
-                    init.uniform_(layer.bias, -bound, bound)
-            else:
-                init.constant_(layer.freq, layer.w)
 
     def forward(self, length: int) -> torch.Tensor:
         device = self.mlp[0].weight.device
@@ -178,6 +173,15 @@ def make_kernel(kind: str, channels: int, filters: int, *, state_size: int = 16,
     if kind == "explicit":
         return ExplicitKernel(channels, filters, max_train_length)
     raise ValueError(f"kernel must be one of {list(KERNELS)}, got {kind!r}")
+
+
+def kernel_from_config(config, kind: str, channels: int, filters: int) -> nn.Module:
+    """``make_kernel`` with the kernel settings of a model config (``ssm_state_size``, ``s4d_init``, ``ssm_dt_*``,
+    ``max_train_length``, ``filter_*``): BST's SSM (``kind = config.kernel``) and GSS's narrow branch
+    (``config.gss_kernel``) read the same fields."""
+    return make_kernel(kind, channels, filters, state_size=config.ssm_state_size, s4d_init=config.s4d_init,
+                       dt_min=config.ssm_dt_min, dt_max=config.ssm_dt_max, max_train_length=config.max_train_length,
+                       filter_hidden=config.filter_hidden_size, filter_bands=config.filter_num_bands)
 
 
 class LongConvSSM(nn.Module):

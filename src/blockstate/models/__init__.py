@@ -1,4 +1,6 @@
-"""Configs, Hugging Face wrappers and presets: the BST model and the paper's baselines (spec section 8)."""
+"""Configs, Hugging Face wrappers and named sizes: the BST model and the paper's baselines (spec section 8).
+
+Names and parameter counts of the registered models are ``blockstate.registry``'s (it imports this package)."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -13,14 +15,19 @@ from blockstate.models.configuration_baselines import (
     BlockTransformerConfig,
     GatedStateSpaceConfig,
 )
-from blockstate.models.configuration_blockstate import BlockStateConfig, default_bst_layers
+from blockstate.models.configuration_blockstate import (
+    BlockLMConfig,
+    BlockStateConfig,
+    SSMKernelConfig,
+    default_bst_layers,
+)
 from blockstate.models.modeling_blockstate import (
     BlockStateForCausalLM,
     BlockStateModel,
     BlockStatePreTrainedModel,
     causal_lm_loss,
 )
-from blockstate.models.presets import SIZES, count_parameters, parameter_table, preset_config
+from blockstate.models.presets import SIZES, preset_config
 from blockstate.models.stateful import SegmentCarry, SegmentLMOutput, map_carry
 
 AutoConfig.register(BlockStateConfig.model_type, BlockStateConfig, exist_ok=True)
@@ -35,6 +42,7 @@ AutoModel.register(GatedStateSpaceConfig, GatedStateSpaceModel, exist_ok=True)
 
 __all__ = [
     "SIZES",
+    "BlockLMConfig",
     "BlockRecurrentConfig",
     "BlockRecurrentForCausalLM",
     "BlockStateConfig",
@@ -46,12 +54,11 @@ __all__ = [
     "GatedStateSpaceConfig",
     "GatedStateSpaceForCausalLM",
     "GatedStateSpaceModel",
+    "SSMKernelConfig",
     "SegmentCarry",
     "SegmentLMOutput",
     "causal_lm_loss",
-    "count_parameters",
     "default_bst_layers",
     "map_carry",
-    "parameter_table",
     "preset_config",
 ]

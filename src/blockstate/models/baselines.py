@@ -23,20 +23,18 @@ from blockstate.layers import BlockTransformerLayer, RMSNorm
 from blockstate.layers.cache import BlockStateCache
 from blockstate.layers.gss import GatedStateSpaceLayer
 from blockstate.layers.recurrent import BlockRecurrentLayer, carry_block_layer
+from blockstate.models.common import BlockStateCausalLMOutput, check_attention_mask, run_layer
 from blockstate.models.configuration_baselines import (
     BlockRecurrentConfig,
     BlockTransformerConfig,
     GatedStateSpaceConfig,
 )
 from blockstate.models.modeling_blockstate import (
-    BlockStateCausalLMOutput,
     BlockStateForCausalLM,
     BlockStateModel,
     BlockStatePreTrainedModel,
     causal_lm_loss,
-    check_attention_mask,
     check_input_ids,
-    run_layer,
 )
 from blockstate.models.stateful import SegmentCarry, SegmentLMOutput, SegmentStateMixin, right_padding_only
 

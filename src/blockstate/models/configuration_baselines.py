@@ -1,6 +1,8 @@
-"""Configs of the paper's baselines (spec section 8). Each is a ``BlockStateConfig`` minus the BST layers, so the
-shared fields (width, heads, FFN, block size, RoPE, dropouts, SSM kernel settings) mean exactly what they mean for
-BST and the same layers read them; only what a baseline adds is new here.
+"""Configs of the paper's baselines (spec section 8). Each extends the fields BST shares (``BlockLMConfig``: width,
+heads, FFN, block size, RoPE, dropouts, training length; GSS also ``SSMKernelConfig``'s kernel settings), so those
+mean exactly what they mean for BST and the same layers read them; only what a baseline adds is new here. No
+baseline has BST's own fields (variant, kernel, S, ``ssm_residual``); a ``config.json`` saved when they did still
+loads (Hugging Face keeps unknown keys as attributes, which nothing reads).
 
 - ``BlockTransformerConfig``: a plain attention LM. Full causal attention (GPT: ``block_size`` >= any length),
   sliding window (Slide: ``attend_previous_block``) or Transformer-XL (window = half a training segment), with the
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 
 from blockstate.layers.gss import GSS_KERNELS
-from blockstate.models.configuration_blockstate import LAYER_COLLECTIONS, BlockStateConfig
+from blockstate.models.configuration_blockstate import LAYER_COLLECTIONS, BlockLMConfig, SSMKernelConfig
 
 # A block size no sequence reaches: BlockAttention then runs one block of the sequence's own length, which is
 # plain full causal attention with no padding (and its streaming cache grows with the context).
@@ -22,11 +24,11 @@ FULL_ATTENTION = 2**30
 STATE_GATES = ("fixed", "lstm")
 
 
-def _no_bst_layers(kwargs: dict) -> None:
-    if kwargs.get("bst_layers"):
-        raise ValueError(f"bst_layers must be empty for a baseline (got {kwargs['bst_layers']}); use "
+def _no_bst_layers(bst_layers: list[int] | None) -> list[int]:
+    if bst_layers:
+        raise ValueError(f"bst_layers must be empty for a baseline (got {bst_layers}); use "
                          "BlockStateConfig for a model with BST layers")
-    kwargs["bst_layers"] = []
+    return []
 
 
 def _layer_indices(name: str, value: list, num_layers: int) -> list[int]:
@@ -44,19 +46,20 @@ def _as_list(value):
     return list(value) if isinstance(value, LAYER_COLLECTIONS) else value
 
 
-class BlockTransformerConfig(BlockStateConfig):
+class BlockTransformerConfig(BlockLMConfig):
     """A Block Transformer language model with no SSM anywhere (GPT, Slide, Transformer-XL).
 
-    Args (beyond ``BlockStateConfig``, whose ``bst_layers`` must stay empty and whose SSM fields are unused):
+    Args (beyond ``BlockLMConfig``):
         carry_state: carry each layer's last W keys/values (no gradient) into the next segment's first block;
             needs ``attend_previous_block``. The model then follows the segment-carry interface of
             ``blockstate.registry``.
+        bst_layers: always empty: the model is the BST stack (``build_layer`` reads the layout) with no BST layer.
     """
 
     model_type = "block_transformer"
 
-    def __init__(self, carry_state: bool = False, **kwargs):
-        _no_bst_layers(kwargs)
+    def __init__(self, carry_state: bool = False, bst_layers: list[int] | None = None, **kwargs):
+        self.bst_layers = _no_bst_layers(bst_layers)
         self.carry_state = carry_state
         super().__init__(**kwargs)
 
@@ -112,11 +115,11 @@ class BlockRecurrentConfig(BlockTransformerConfig):
             raise ValueError("recurrent_layers must name at least one layer (use BlockTransformerConfig for none)")
 
 
-class GatedStateSpaceConfig(BlockStateConfig):
+class GatedStateSpaceConfig(SSMKernelConfig):
     """GSS-Hybrid (Mehta et al. 2022): gated state space layers, a block-attention layer every few layers.
 
-    Args (beyond ``BlockStateConfig``; ``s4d_init`` and ``ssm_dt_*`` also initialise the DSS kernel; ``kernel`` is
-    not read by GSS layers, ``gss_kernel`` is; ``intermediate_size`` is the FFN of the attention layers):
+    Args (beyond ``SSMKernelConfig``, whose ``s4d_init`` and ``ssm_dt_*`` also initialise the DSS kernel;
+    ``intermediate_size`` is the FFN of the attention layers):
         gss_hidden_size: width F of the gated (wide) branch, default 4 * hidden_size (the paper's F = 4096 at
             E = 1024; the registry's presets tune it to the parameter budget).
         gss_narrow_size: width H of the narrow branch that runs the SSM, default hidden_size // 4 (the paper's 256).
@@ -131,7 +134,7 @@ class GatedStateSpaceConfig(BlockStateConfig):
     def __init__(self, gss_hidden_size: int | None = None, gss_narrow_size: int | None = None,
                  attention_layers: list[int] | None = None, gss_kernel: str = "dss", gss_state_size: int = 512,
                  **kwargs):
-        _no_bst_layers(kwargs)
+        _no_bst_layers(kwargs.pop("bst_layers", None))  # not a field here: refused, or dropped from an old config.json
         hidden, layers = kwargs.get("hidden_size", 256), kwargs.get("num_hidden_layers", 4)
         if not isinstance(hidden, int):  # validate_fields names hidden_size / num_hidden_layers
             hidden = 1

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import transformers.initialization as init
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+from transformers.modeling_outputs import BaseModelOutput
 
 from blockstate.layers import BlockTransformerLayer, BSTLayer, RMSNorm
 from blockstate.layers.cache import BlockStateCache, gather_positions
 from blockstate.layers.recurrent import BlockRecurrentLayer
+from blockstate.models.common import (
+    BlockStateCausalLMOutput,
+    check_attention_mask,
+    enable_gradient_checkpointing,  # noqa: F401 - the trainer and its benchmark import it from here
+    padding_runs,
+    run_layer,
+)
 from blockstate.models.configuration_blockstate import BlockStateConfig
 
 
@@ -35,8 +41,9 @@ class BlockStatePreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["ssm"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Children are initialised before parents and a tensor is never initialised twice, so each Linear reads
-        # its own scheme from flags its owner set at construction (see BlockTransformerLayer, ImplicitKernel).
+        # Children are initialised before parents (and a loaded tensor is never initialised again), so each Linear reads
+        # its own scheme from flags its owner set at construction (see BlockTransformerLayer, ImplicitKernel); the
+        # kernels, context states and per-head projections initialise their own tensors (``init_parameters``).
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             if getattr(module, "_init_fan_in_uniform", False):
@@ -134,27 +141,6 @@ class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
             layer_cache.host_position = None
         cache.set_position(cache.position + 1, host + 1)
         return self.norm(x)
-
-
-def run_layer(owner: nn.Module, fn, *args):
-    """``fn(*args)`` (one layer), through the Hugging Face checkpoint function when ``owner`` (the module that
-    holds the layer loop) has gradient checkpointing on and trains: the layer's activations are recomputed in the
-    backward instead of kept, so memory grows with one layer's activations, not the stack's."""
-    if getattr(owner, "gradient_checkpointing", False) and owner.training and torch.is_grad_enabled():
-        return owner._gradient_checkpointing_func(fn, *args)
-    return fn(*args)
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
-    """``model.gradient_checkpointing_enable()`` (non-reentrant) on any model here, through DDP / FSDP wrappers;
-    newer transformers name it ``activation_checkpointing_enable`` and warn on the old name."""
-    inner = getattr(model, "module", model)
-    enable = getattr(inner, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
 
 
 def build_layer(config: BlockStateConfig, index: int) -> nn.Module:
@@ -302,37 +288,6 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
             # the cache has consumed everything but the newest token
             return {"input_ids": input_ids[:, -1:], "cache": cache, "use_cache": True}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}
-
-
-@dataclass
-class BlockStateCausalLMOutput(CausalLMOutput):
-    """CausalLMOutput plus the streaming cache (``cache``) when one was asked for."""
-
-    cache: BlockStateCache | None = None
-
-
-def check_attention_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None) -> None:
-    """The one shape check of ``attention_mask`` for every model: (B, L) like input_ids, or None."""
-    if attention_mask is None or input_ids is None:
-        return
-    shape = getattr(attention_mask, "shape", None)
-    if not isinstance(attention_mask, torch.Tensor) or shape != input_ids.shape:
-        got = tuple(shape) if shape is not None else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}; "
-                         f"pass a (batch, length) tensor with 1 for real tokens and 0 for padding")
-
-
-def padding_runs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) mask -> (start, length) of each row's single run of real tokens; one clear error otherwise."""
-    mask = attention_mask.bool()
-    lengths = mask.sum(1)
-    if bool((lengths == 0).any()):
-        raise ValueError("attention_mask has a row with no tokens: every row needs at least one real token")
-    starts = mask.int().argmax(1)
-    t = torch.arange(mask.shape[1], device=mask.device)[None, :]
-    if not torch.equal(mask, (t >= starts[:, None]) & (t < (starts + lengths)[:, None])):
-        raise ValueError("attention_mask must mark one contiguous run of real tokens per row (left or right padding)")
-    return starts, lengths
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,16 @@
-"""Named model sizes, for every variant x kernel, and their parameter counts.
+"""Named model sizes: the fields every registered model (BST and baselines) starts from at each size.
 
 - ``tiny``:  trains usefully in minutes on 2 CPU cores (bytes vocabulary).
 - ``small``: ~20M parameters (an 8k BPE vocabulary).
 - ``paper``: the paper's ~200M setting: 12 layers, D=1024, 8 heads, W=512, L=4096, S=32, N=16, 32k vocabulary.
 
-Counting builds the model on the meta device, so even ``paper`` costs no memory.
+Names, parameter counts and the paper's figures are ``blockstate.registry``'s (``blockstate models``); this
+module is data only, so the model tier does not import the registry that imports it.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-import torch
 
 from blockstate.models.configuration_blockstate import BlockStateConfig
 
@@ -25,37 +24,14 @@ SIZES: dict[str, dict[str, Any]] = {
                   ssm_state_size=16, hidden_dropout=0.05),
 }
 
-# The paper's reported sizes (Table 1), for the variant x kernel pairs it trained at ~200M.
-PAPER_PARAMETERS = {("sh", "s4d"): 202e6, ("mh", "s4d"): 218e6, ("mf", "s4d"): 217e6,
-                    ("sh", "unstructured"): 206e6, ("mf", "unstructured"): 221e6}
+
+def size_fields(size: str) -> dict[str, Any]:
+    """A copy of the fields of a named size; ValueError naming the sizes for an unknown one."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
+    return dict(SIZES[size])
 
 
 def preset_config(size: str = "tiny", variant: str = "sh", kernel: str = "s4d", **overrides: Any) -> BlockStateConfig:
-    """The config of a named size for a variant and kernel; keyword overrides win over the preset."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
-    return BlockStateConfig(**{**SIZES[size], "variant": variant, "kernel": kernel, **overrides})
-
-
-def count_parameters(config: BlockStateConfig) -> int:
-    """Number of distinct parameters (tied embeddings counted once), without allocating them."""
-    from blockstate.models.modeling_blockstate import BlockStateForCausalLM
-
-    with torch.device("meta"):
-        model = BlockStateForCausalLM(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def parameter_table(sizes: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per size x variant x kernel: parameter count, and the paper's figure where it reported one."""
-    from blockstate.layers import KERNELS, VARIANTS
-
-    rows = []
-    for size in sizes or list(SIZES):
-        for variant in VARIANTS:
-            for kernel in KERNELS:
-                n = count_parameters(preset_config(size, variant, kernel))
-                paper = PAPER_PARAMETERS.get((variant, kernel)) if size == "paper" else None
-                rows.append(dict(size=size, variant=variant, kernel=kernel, parameters=n, paper=paper,
-                                 ratio=None if paper is None else n / paper))
-    return rows
+    """The BST config of a named size for a variant and kernel; keyword overrides win over the preset."""
+    return BlockStateConfig(**{**size_fields(size), "variant": variant, "kernel": kernel, **overrides})

@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 from transformers.modeling_outputs import CausalLMOutput
 
-from blockstate.models.modeling_blockstate import causal_lm_loss, check_attention_mask, check_input_ids
+from blockstate.models.common import check_attention_mask
+from blockstate.models.modeling_blockstate import causal_lm_loss, check_input_ids
 
 
 class SegmentCarry(NamedTuple):
