@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import small_config
+from helpers.models import small_config
 
 from blockstate import BlockStateForCausalLM
 

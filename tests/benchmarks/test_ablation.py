@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from training_helpers import write_corpus
+from helpers.training import write_corpus
 
 from blockstate.benchmarks.ablation import default_arms, equalize, plan
 from blockstate.cli.main import main

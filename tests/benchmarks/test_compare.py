@@ -7,7 +7,7 @@ import os
 import signal
 
 import pytest
-from training_helpers import one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from helpers.training import write_corpus
 
 from blockstate.cli.main import main
 

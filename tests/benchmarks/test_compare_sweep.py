@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from training_helpers import one_line_error, write_corpus
+from helpers.training import one_line_error, write_corpus
 
 from blockstate.benchmarks.compare import CompareSettings, lr_factors
 from blockstate.benchmarks.compare_eval import position_buckets

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from training_helpers import one_thread  # noqa: F401 (autouse: one CPU thread)
 
 from blockstate.benchmarks import train as bench
 from blockstate.cli.main import main

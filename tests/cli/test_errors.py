@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from training_helpers import TINY_MODEL, one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from helpers.training import TINY_MODEL, write_corpus
 
 import blockstate.cli.presets
 from blockstate.cli.main import build_parser, main, subcommand_paths

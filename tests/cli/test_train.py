@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from training_helpers import TINY_YAML, one_line_error, one_thread, write_corpus  # noqa: F401 (one_thread: autouse)
+from helpers.training import TINY_YAML, one_line_error, write_corpus
 
 from blockstate.cli.main import build_parser, main
 from blockstate.cli.train import explicit_settings
@@ -238,4 +238,4 @@ def test_train_help_says_eval_tokens_counts_whole_documents(capsys):
         assert "--eval-tokens N" in text and "whole documents" in text and "may exceed N" in text, command
 
 
-# SIGKILL at a random step / SIGTERM then resume: tests/test_reliability_faults.py
+# SIGKILL at a random step / SIGTERM then resume: tests/training/test_faults.py

@@ -6,7 +6,7 @@ import importlib.util
 import json
 
 import pytest
-from training_helpers import one_line_error
+from helpers.training import one_line_error
 
 from blockstate.data import SPLITS, BytesTokenizer, DataError, load_corpus, tokenize_split
 from blockstate.data import books as books_mod

@@ -10,7 +10,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest_data import text_corpus, write_files
+from helpers.data import text_corpus, write_files
 
 from blockstate.data import (
     SPLITS,

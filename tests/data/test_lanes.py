@@ -11,8 +11,8 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest_data import EOS, doc_of, unique_split
-from training_helpers import TINY_YAML, one_line_error, write_corpus
+from helpers.data import EOS, doc_of, unique_split
+from helpers.training import TINY_YAML, one_line_error, write_corpus
 
 from blockstate.cli.main import main
 from blockstate.data import IGNORE_INDEX, DataError, SegmentLoader

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_data import write_files
-from training_helpers import one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from helpers.data import write_files
+from helpers.training import write_corpus
 
 from blockstate.cli.main import main
 from blockstate.data import DataError, build_tokenizer, load_corpus, reading, tokenize_split

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest_data import EOS, doc_of, targets, text_corpus, unique_split, write_files
+from helpers.data import EOS, doc_of, targets, text_corpus, unique_split, write_files
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from training_helpers import one_line_error, one_thread  # noqa: F401 (one_thread is an autouse fixture)
+from helpers.training import one_line_error
 
 from blockstate.benchmarks.synthetic import distance_bins, evaluate
 from blockstate.benchmarks.synthetic_models import model_overrides, parameters, shared_fields

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest_data import text_corpus
+from helpers.data import text_corpus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -125,7 +125,7 @@ def test_factory_errors_with_files(tmp_path):
 # -- transformers tokenizers: AutoTokenizer reads the same files and encodes as training did -------------------
 def real_text() -> str:
     """Real source text with non-ASCII characters: this repository's own tokenizer module and README."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return (root / "src/blockstate/data/tokenizers.py").read_text(encoding="utf-8") + (
         root / "README.md").read_text(encoding="utf-8")[:20000] + "\nnaïve café — Ωμέγα ✓ 日本語 🙂 <|endoftext|>\n"
 

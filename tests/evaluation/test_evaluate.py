@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from training_helpers import TINY_MODEL, one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from helpers.training import TINY_MODEL, write_corpus
 
 from blockstate.cli.main import main
 from blockstate.data import BytesTokenizer, TokenizedSplit

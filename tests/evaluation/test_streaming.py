@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_config
+from helpers.models import small_config
 
 from blockstate import BlockStateForCausalLM
 from blockstate.evaluation.streaming import stream_chunk_size, stream_document_nll

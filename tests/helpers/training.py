@@ -1,22 +1,17 @@
-"""Shared pieces of the training / evaluation tests: a tiny model, a tiny corpus, one CPU thread."""
+"""Shared pieces of the training / evaluation / CLI tests: a tiny model, a tiny corpus, the CLI's error check."""
 
 import random
 from pathlib import Path
 
-import pytest
-import torch
-
 TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                   num_context_states=4, block_size=16, max_train_length=64)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and 2 threads on a busy 2-core machine thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# the flags of a tiny `blockstate train` run in a subprocess (the distributed tests add data, batch and output)
+TINY_ARGV = ["--model-arg", "hidden_size=32", "--model-arg", "num_hidden_layers=2", "--model-arg",
+             "num_attention_heads=2", "--model-arg", "intermediate_size=64", "--seq-len", "64", "--block-size", "16",
+             "--log-every", "1", "--eval-every", "3", "--eval-tokens", "2000", "--sample-tokens", "0",
+             "--no-progress", "--threads", "1", "--steps", "6", "--save-every", "3", "--lr", "1e-2",
+             "--warmup-steps", "2", "--dropout", "0.0", "--precision", "fp32"]
 
 
 def write_corpus(root: Path, n_docs: int = 12, seed: int = 0) -> Path:

@@ -7,7 +7,7 @@ layer exactly (no extra parameter, same function).
 
 import pytest
 import torch
-from conftest import VARIANT_KERNELS, small_config
+from helpers.models import VARIANT_KERNELS, small_config
 
 from blockstate import BlockStateForCausalLM
 from blockstate.layers.bst import GatedSSMResidual

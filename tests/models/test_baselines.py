@@ -4,7 +4,7 @@ the recurrent cell's gate, GSS against a direct-convolution reference, configs."
 import pytest
 import torch
 import torch.nn.functional as F
-from test_all_models import VOCAB, small_overrides
+from helpers.models import VOCAB, small_overrides
 
 from blockstate.layers.common import RMSNorm
 from blockstate.layers.gss import GatedStateSpaceLayer

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import VARIANT_KERNELS, small_config
+from helpers.models import VARIANT_KERNELS, small_config
 
 from blockstate import BlockStateForCausalLM
 

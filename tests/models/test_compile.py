@@ -13,8 +13,7 @@ value on the host to raise one clear error; the layers in between are whole grap
 
 import pytest
 import torch
-from conftest import VARIANT_KERNELS, small_config
-from test_all_models import MODELS, VOCAB, build
+from helpers.models import MODELS, VARIANT_KERNELS, VOCAB, build, small_config
 
 from blockstate.layers import BSTLayer
 from blockstate.layers.gss import GatedStateSpaceLayer

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_all_models import small_overrides
+from helpers.models import small_overrides
 
 from blockstate.layers import S4DKernel
 from blockstate.layers.gss import DSSKernel, GatedStateSpaceLayer

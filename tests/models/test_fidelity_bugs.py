@@ -12,17 +12,16 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import small_config
+from helpers.distributed import clip_worker, free_port, tiny_lm
+from helpers.models import VOCAB, small_config, small_overrides
+from helpers.training import TINY_ARGV as TINY
+from helpers.training import write_corpus
 from safetensors.torch import load_file
-from test_all_models import VOCAB, small_overrides
-from test_training_distributed import TINY
-from training_helpers import write_corpus
 from transformers import AutoModelForCausalLM
 
 from blockstate.layers import VARIANTS, BSTLayer, ExplicitKernel, LongConvSSM
@@ -31,7 +30,7 @@ from blockstate.registry import create_model, list_models
 from blockstate.training.metrics import read_metrics
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# the autocast tolerances of tests/test_numerics.py: |logits - fp32|.max() <= tol * |fp32 logits|.max()
+# the autocast tolerances of tests/models/test_numerics.py: |logits - fp32|.max() <= tol * |fp32 logits|.max()
 CAST_TOLERANCE = {"bf16": 0.02, "fp16": 0.004}
 
 
@@ -167,71 +166,17 @@ def test_continued_stream_with_rows_of_different_lengths_equals_each_row_alone(v
 
 
 # -- 4. gradient clipping under FSDP2 ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tiny_lm() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return create_model("bst-sh-s4", size="tiny", **{**small_overrides("bst-sh-s4"), "num_hidden_layers": 2,
-                                                     "bst_layers": [0]})
-
-
-def _clip_worker(rank: int, world: int, port: int, max_norm: float, reference: float, errors) -> None:
-    """One FSDP2 rank: half the batch, then ``clip_gradients``. ``get_total_norm`` is made to return the norm as a
-    partial DTensor, as torch releases before the replicated DTensor norm did; ``float()`` of it is this shard's."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-
-    from blockstate.training.steps import clip_gradients
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.tensor._ops._math_ops import _NormPartial
-
-        def partial_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
-            local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in local]))
-            return DTensor.from_local(norm, mesh, [_NormPartial(2)])
-
-        mesh = init_device_mesh("cpu", (world,))
-        model = _tiny_lm()
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        torch.manual_seed(1)
-        x = torch.randint(0, VOCAB, (4, 32))[2 * rank : 2 * rank + 2]
-        model(x, labels=x).loss.backward()
-        torch.nn.utils.get_total_norm = partial_norm
-        torch.nn.utils.clip_grad._get_total_norm = partial_norm
-        norm = clip_gradients(model, max_norm)
-        after = float(torch.linalg.vector_norm(torch.stack([p.grad.full_tensor().norm() for p in model.parameters()])))
-        if abs(norm - reference) > 1e-5 * reference or abs(after - max_norm) > 1e-5:
-            errors.put(f"rank {rank}: clip norm {norm:.6f} (1 process: {reference:.6f}), norm after clipping "
-                       f"{after:.6f} (max_norm {max_norm})")
-    except Exception as error:  # noqa: BLE001 (reported to the parent, which fails the test)
-        errors.put(f"rank {rank}: {type(error).__name__}: {error}")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_fsdp_clipping_uses_the_global_norm_even_when_the_norm_comes_back_partial():
     from blockstate.training.steps import clip_gradients
 
-    model = _tiny_lm()
+    model = tiny_lm()
     torch.manual_seed(1)
     x = torch.randint(0, VOCAB, (4, 32))
     (0.5 * (model(x[:2], labels=x[:2]).loss + model(x[2:], labels=x[2:]).loss)).backward()
     reference = clip_gradients(model, 0.0)  # the global norm, nothing clipped
     ctx = torch.multiprocessing.get_context("spawn")
     errors = ctx.SimpleQueue()
-    torch.multiprocessing.start_processes(_clip_worker, args=(2, _free_port(), 0.01, reference, errors), nprocs=2,
+    torch.multiprocessing.start_processes(clip_worker, args=(2, free_port(), 0.01, reference, errors), nprocs=2,
                                           start_method="spawn")
     messages = []
     while not errors.empty():

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import VARIANT_KERNELS, small_config
+from helpers.models import VARIANT_KERNELS, small_config
 
 from blockstate import BlockStateForCausalLM
 from blockstate.layers import BlockAttention, ContextStates, LongConvSSM, S4DKernel

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import VARIANT_KERNELS, small_config
+from helpers.models import VARIANT_KERNELS, small_config
 
 from blockstate.layers import LongConvSSM, S4DKernel, make_kernel
 from blockstate.layers.cache import LayerCache

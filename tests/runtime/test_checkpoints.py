@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.training import TINY_MODEL, one_line_error, write_corpus
 from safetensors.torch import load_file
-from training_helpers import TINY_MODEL, one_line_error, one_thread, write_corpus  # noqa: F401 (one_thread: autouse)
 
 from blockstate.registry import create_model as build_model
 from blockstate.runtime import checkpoint as ckpt_io
@@ -19,7 +19,7 @@ from blockstate.runtime.loading import load_checkpoint
 from blockstate.runtime.manifest import MANIFEST, CheckpointError, verify_checkpoint, write_manifest
 from blockstate.training import TrainConfig, Trainer
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "blockstate"
+SRC = Path(__file__).resolve().parents[2] / "src" / "blockstate"
 TINY = dict(model_args={k: v for k, v in TINY_MODEL.items() if k not in ("block_size", "max_train_length")},
             seq_len=64, block_size=16, batch_size=4, log_every=1, eval_every=0, sample_tokens=0, progress=False,
             precision="fp32", final_eval=False, save_every=2, keep_checkpoints=3)

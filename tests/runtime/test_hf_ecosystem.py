@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from training_helpers import TINY_MODEL, one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from helpers.training import TINY_MODEL, write_corpus
 
 import blockstate.training.trainer as trainer_mod
 from blockstate.cli.main import build_parser, main, subcommand_paths

@@ -7,15 +7,10 @@ import sys
 
 import pytest
 import torch
+from helpers.training import TINY_ARGV as TINY
 from safetensors.torch import load_file
 
 from blockstate.training.metrics import read_metrics
-
-TINY = ["--model-arg", "hidden_size=32", "--model-arg", "num_hidden_layers=2", "--model-arg", "num_attention_heads=2",
-        "--model-arg", "intermediate_size=64", "--seq-len", "64", "--block-size", "16", "--log-every", "1",
-        "--eval-every", "3", "--eval-tokens", "2000", "--sample-tokens", "0", "--no-progress", "--threads", "1",
-        "--steps", "6", "--save-every", "3", "--lr", "1e-2", "--warmup-steps", "2", "--dropout", "0.0",
-        "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")

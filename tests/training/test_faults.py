@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.training import TINY_YAML as BASE_YAML
+from helpers.training import write_corpus
 from safetensors.torch import load_file
-from training_helpers import TINY_YAML as BASE_YAML
-from training_helpers import one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
 
 import blockstate.training.trainer as trainer_mod
 from blockstate.cli.main import main

@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import one_thread  # noqa: F401 (one_thread is an autouse fixture)
 
 from blockstate.training import TrainConfig, Trainer
 from blockstate.training.metrics import read_metrics

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.training import TINY_MODEL
 from safetensors.torch import load_file, save_file
-from training_helpers import TINY_MODEL, one_thread  # noqa: F401 (one_thread is an autouse fixture)
 
 from blockstate.models import BlockStateForCausalLM
 from blockstate.registry import create_model as build_model
