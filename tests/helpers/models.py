@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from blockstate.layers import KERNELS, VARIANTS
+from blockstate.layers.gss import GatedStateSpaceLayer
 from blockstate.models import BlockStateConfig
 from blockstate.registry import create_model, list_models
 
@@ -35,6 +36,18 @@ def build(name: str, **extra) -> torch.nn.Module:
     """``name``'s small test model in eval mode, seeded: the same weights on every call."""
     torch.manual_seed(0)
     return create_model(name, size="tiny", **{**small_overrides(name), **extra}).eval()
+
+
+def live_gss_branch(model: torch.nn.Module) -> torch.nn.Module:
+    """Scale GSS-Hybrid's gated SSM projections by 8, in place. At init that branch is three 0.02-std projections
+    deep and barely moves the logits (~1e-5), so a wrong SSM state would pass a 1e-4 check; scaled, the SSM's share
+    of the logits is O(1) (tests/models/test_gss_hybrid.py checks it)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if isinstance(layer, GatedStateSpaceLayer):
+                for proj in (layer.wide, layer.narrow, layer.expand, layer.out):
+                    proj.weight.mul_(8)
+    return model
 
 
 def small_config(variant: str = "sh", kernel: str = "s4d", **overrides) -> BlockStateConfig:

@@ -4,7 +4,7 @@ the recurrent cell's gate, GSS against a direct-convolution reference, configs."
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.models import VOCAB, small_overrides
+from helpers.models import VOCAB, build, small_overrides
 
 from blockstate.layers.common import RMSNorm
 from blockstate.layers.gss import GatedStateSpaceLayer
@@ -18,14 +18,8 @@ from blockstate.models import (
     map_carry,
 )
 from blockstate.ops import causal_conv_reference
-from blockstate.registry import create_model
 
 STATEFUL = ["slide", "transformer-xl", "brect"]
-
-
-def build(name: str, **extra) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return create_model(name, size="tiny", **{**small_overrides(name), **extra}).eval()
 
 
 def run_segments(model, x: torch.Tensor, cuts: list[int], **kwargs) -> torch.Tensor:

@@ -1,8 +1,11 @@
-"""The BST language model, every variant x kernel: causality, gradients, padding, save/load, overfitting."""
+"""What only the BST language model has: its HF auto classes, the loss, the context states of each variant, block
+locality and the previous-block option, the implicit filter past the training length, input errors. Causality,
+reach, any length, gradients, save/load and overfitting for every variant x kernel: tests/models/test_harness.py;
+bf16 autocast: tests/models/test_numerics.py."""
 
 import pytest
 import torch
-from helpers.models import VARIANT_KERNELS, small_config
+from helpers.models import small_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from blockstate import BlockStateConfig, BlockStateForCausalLM
@@ -13,69 +16,10 @@ def build(variant="sh", kernel="s4d", **overrides) -> BlockStateForCausalLM:
     return BlockStateForCausalLM(small_config(variant, kernel, **overrides)).eval()
 
 
-@pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)
-@pytest.mark.parametrize("length,t", [(32, 16), (32, 13), (37, 8), (45, 30), (70, 50)])
-def test_causality(variant, kernel, length, t):
-    """Changing tokens at positions >= t leaves logits < t unchanged, and changing a token s < t in an earlier
-    block changes the logits at t (attention is block-local here: only the SSM can carry it). Lengths cover
-    multiples of W=8 and not, cut points on and off block boundaries, and lengths past max_train_length."""
-    model = build(variant, kernel)
-    x = torch.randint(0, 61, (2, length))
-    y = x.clone()
-    y[:, t:] = (x[:, t:] + 1 + torch.randint(0, 59, y[:, t:].shape)) % 61
-    s = (t // 8) * 8 - 1  # the last token of the block before t's (every t here is >= W)
-    z = x.clone()
-    z[:, s] = (x[:, s] + 1) % 61
-    with torch.no_grad():
-        a, b, c = model(x).logits, model(y).logits, model(z).logits
-    assert (a[:, :t] - b[:, :t]).abs().max() < 1e-5
-    assert (a[:, t] - c[:, t]).abs().max() > 1e-4
-
-
-@pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)
-def test_padding_free_equivalence(variant, kernel):
-    """Any length works: the logits of a prefix equal the prefix of the logits (internal padding is invisible),
-    also for lengths beyond max_train_length and not a multiple of the block size."""
-    model = build(variant, kernel)
-    x = torch.randint(0, 61, (1, 75))
-    with torch.no_grad():
-        full = model(x).logits
-        for n in (1, 7, 8, 9, 31, 33, 75):
-            assert torch.allclose(model(x[:, :n]).logits, full[:, :n], atol=1e-5), n
-
-
-@pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)
-def test_every_parameter_gets_gradient(variant, kernel):
-    model = build(variant, kernel).train()
-    x = torch.randint(0, 61, (2, 29))  # several blocks, partial last block
-    model(x, labels=x).loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing, missing
-
-
-@pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)
-def test_save_load_round_trip(variant, kernel, tmp_path):
-    model = build(variant, kernel)
-    x = torch.randint(0, 61, (2, 21))
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
-    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
-    auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ours = BlockStateForCausalLM.from_pretrained(tmp_path).eval()
-    assert isinstance(auto, BlockStateForCausalLM)
-    with torch.no_grad():
-        ref = model(x).logits
-        assert torch.equal(auto(x).logits, ref)
-        assert torch.equal(ours(x).logits, ref)
-
-
 def test_auto_classes_registered():
     config = AutoConfig.for_model("blockstate", hidden_size=64, num_attention_heads=4)
     assert isinstance(config, BlockStateConfig)
     assert isinstance(AutoModelForCausalLM.from_config(config), BlockStateForCausalLM)
-
-
-# overfitting one batch: tests/test_all_models.py runs it over every registered model, BST variants included
 
 
 def test_loss_matches_manual_shifted_cross_entropy():
@@ -142,18 +86,6 @@ def test_implicit_filter_extends_past_training_length():
     assert long.shape == (4, 2, 128)
     assert torch.allclose(long[..., :32], short, atol=1e-6)
     assert long[..., 96:].abs().max() < long[..., :32].abs().max()  # decays beyond t = 1
-
-
-@pytest.mark.parametrize("variant,kernel", [("sh", "s4d"), ("mf", "unstructured"), ("mh", "explicit")])
-def test_bf16_autocast_forward_is_finite_and_close(variant, kernel):
-    model = build(variant, kernel)
-    x = torch.randint(0, 61, (2, 30))
-    with torch.no_grad():
-        ref = model(x).logits
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(x).logits
-    assert torch.isfinite(low).all()
-    assert (low - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
 
 
 def test_bad_input_ids_give_clear_errors():
