@@ -1,4 +1,5 @@
-"""Helpers shared by the data tests (imported explicitly: pytest only auto-loads conftest.py)."""
+"""Corpora and token splits for the data tests: files from a dict, a small text corpus, splits whose tokens
+name their document."""
 
 from __future__ import annotations
 
