@@ -8,8 +8,8 @@
 #
 #   1. the device subset of the tests on CUDA (BLOCKSTATE_TEST_DEVICE=cuda): streaming = parallel, bf16 autocast
 #      with the SSM in fp32, whole-model bf16, save/load, a few training steps of every registered model,
-#      torch.compile = eager (tests/test_device.py); no host sync in a training step, the decode step's syncs
-#      listed (tests/test_host_syncs.py); gradient checkpointing = plain gradients (tests/test_gradient_checkpointing.py)
+#      torch.compile = eager (tests/models/test_device.py); no host sync in a training step, the decode step's syncs
+#      listed (tests/models/test_host_syncs.py); gradient checkpointing = plain gradients (tests/models/test_gradient_checkpointing.py)
 #   2. bench layers, fp32 and bf16 autocast, forward and forward+backward, 1k-65k: BST variants, Block-Recurrent
 #      (ours, and the peer package's when it is importable), sliding window, block-local, full attention
 #      -> layers-gpu.{json,png}, layers-gpu-bf16.{json,png}
@@ -19,7 +19,7 @@
 #   5. the paper's speed goals with our ratios (python -m blockstate.benchmarks.gpu_check OUTDIR)
 #
 # Without a CUDA device it says so in one line and exits 2. --cpu-dry-run runs the same steps on CPU at tiny
-# sizes (under 3 minutes; tests/test_gpu_check.py runs it, so the script cannot rot). Exit status: 0 when every
+# sizes (under 3 minutes; tests/benchmarks/test_gpu_check.py runs it, so the script cannot rot). Exit status: 0 when every
 # step passed, 1 otherwise (the log says which). PYTHON picks the interpreter (default: python3, else python);
 # GPU_CHECK_BUDGET the seconds for all steps together (default 450).
 set -uo pipefail
@@ -79,7 +79,7 @@ step() {
   ((rc == 0)) || FAILED+=("$name (exit $rc$( ((rc == 124)) && echo ', timed out'))")
 }
 
-TESTS=(tests/test_device.py tests/test_host_syncs.py tests/test_gradient_checkpointing.py)
+TESTS=(tests/models/test_device.py tests/models/test_host_syncs.py tests/models/test_gradient_checkpointing.py)
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
   export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # shared CPUs: spinning OpenMP threads stall everyone

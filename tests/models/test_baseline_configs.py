@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from training_helpers import one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from helpers.training import write_corpus
 from transformers import AutoModelForCausalLM
 
 from blockstate.cli.main import main
