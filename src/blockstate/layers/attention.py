@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import transformers.initialization as init
 from torch import nn
 
-from blockstate.layers.cache import LayerCache, gather_positions, grow
+from blockstate.layers.cache import LayerCache, cached_on, gather_positions, grow
 from blockstate.layers.common import RMSNorm, apply_rope, from_blocks, num_blocks, rope_cos_sin, to_blocks
 
 CONTEXT_LAYOUTS = (None, "aligned", "states")
@@ -235,6 +235,8 @@ class BlockAttention(nn.Module):
         """One token per row. h: normed input (B, D); position: (B,) index of this token in its row's stream;
         context: aligned: this position's state, (B, D) or (B, H, D); states: (B, S, D), the states of a block
         starting here (used by rows at a block start). Returns (B, D), equal to the parallel forward's output."""
+        if self.fused_step:
+            return self._fused_step(h, cache, position, context)
         bsz, w = h.shape[0], self.block_size
         rows = torch.arange(bsz, device=h.device)
         phase = position % w
@@ -296,3 +298,130 @@ class BlockAttention(nn.Module):
             return x
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
         return apply_rope(x, cos[:, None, :], sin[:, None, :])
+
+    # -- the fused step: no previous block, no context or aligned context (BST SH / MH, plain block layers) -------
+    # A decoding step of a small model is dispatch-bound, so this path runs few ops and allocates little: one
+    # projection of h ([q; q_cross; k; v], fused from the parameters once), RoPE from tables of the W slots (one
+    # lookup, one roll, one multiply-add for all projections: q_cross and v get the identity rotation), one
+    # write of the new keys/values (self and context) into one buffer, and one SDPA over self and cross heads with
+    # an additive mask looked up per row. Nothing depends on the host once the buffer holds W slots, so the step
+    # can be captured in a CUDA graph (``blockstate.models.static_decode``).
+    @property
+    def fused_step(self) -> bool:
+        return not self.attend_previous_block and self.context in (None, "aligned")
+
+    def _step_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([q; q_cross; k; v] (G*D, D), the context's [k; v] projection with all keys first) from the parameters."""
+        aligned = self.context == "aligned"
+        cross = ([self.kv_cross_heads if self.context_per_head else self.kv_cross.weight] if aligned else [])
+        params = [self.qkv.weight] + ([self.q_cross.weight] if aligned else []) + cross
+
+        def build():
+            q, k, v = self.qkv.weight.chunk(3)
+            fused = torch.cat([q, self.q_cross.weight, k, v] if aligned else [q, k, v])
+            if not aligned:
+                return fused, None
+            heads, d = self.num_heads, self.head_dim
+            if self.context_per_head:  # (H, D, 2d) -> (H, D, [k | v]) as is; split after the product
+                return fused, self.kv_cross_heads.detach()
+            kv = self.kv_cross.weight.view(heads, 2, d, self.dim).transpose(0, 1).reshape(2 * heads * d, self.dim)
+            return fused, kv
+
+        return cached_on(self, "step_weights", params, build)
+
+    def _step_tables(self, cap: int, device) -> dict:
+        """Per capacity: RoPE (cap, G, 2, d) = cos and sign-folded sin per slot and projection group, the additive
+        causal mask (cap, cap) for capacities up to 1024 (else built per step from the slot indices)."""
+        tables = self.__dict__.setdefault("_step_tables_cache", {})
+        key = (cap, str(device))
+        if key not in tables:
+            d, half = self.head_dim, self.head_dim // 2
+            rotated = [True, False, True, False] if self.context == "aligned" else [True, True, False]
+            slots = torch.arange(cap, device=device)
+            cos, sin = rope_cos_sin(slots, d, self.rope_theta)
+            sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # x.roll(half) * sin = rotate_half(x) * sin
+            one, zero = torch.ones_like(cos), torch.zeros_like(sin)
+            rope = torch.stack([torch.stack([cos, sin] if r else [one, zero], 1) for r in rotated], 1)
+            mask = None
+            if cap <= 1024:
+                mask = torch.zeros(cap, cap, device=device).masked_fill_(
+                    torch.ones(cap, cap, dtype=torch.bool, device=device).triu_(1), float("-inf"))
+            tables.clear()  # one capacity at a time (a full-attention cache doubles its capacity)
+            tables[key] = {"rope": rope, "mask": mask, "slots": slots, "rows": {}}
+        return tables[key]
+
+    def step_buffer(self, cache: LayerCache, like: torch.Tensor, position: torch.Tensor | None = None,
+                    needed: int | None = None) -> torch.Tensor:
+        """The fused step's keys/values, (B, 2, H or 2H, cap, d): [keys; values] x [self heads; context heads].
+        ``cache.keys`` / ``values`` / ``context_keys`` / ``context_values`` are views into it, so prefill, beam
+        reordering and the parallel continuation read and write them as before; a cache whose tensors were replaced
+        (``map_batch``) or outgrown is rebuilt from them. ``needed``: slots (default: from the host positions)."""
+        bsz = like.shape[0]
+        aligned = self.context == "aligned"
+        held = getattr(cache, "step_kv", None)
+        fields = [cache.keys, cache.values] + ([cache.context_keys, cache.context_values] if aligned else [])
+        kv = None
+        if held is not None and all(a is b for a, b in zip(fields, held[1])):
+            kv = held[0]
+            if kv.shape[0] != bsz or kv.dtype != like.dtype or kv.device != like.device:
+                kv = None
+        cap = 0 if kv is None else kv.shape[3]
+        if kv is not None and cap >= self.block_size:  # full: no host read
+            return kv
+        if needed is None:
+            needed = int((cache.positions_on_host(position) % self.block_size).max()) + 1  # the mirror: no sync
+        if kv is not None and cap >= needed:
+            return kv
+        old = 0 if cache.keys is None else cache.keys.shape[2]
+        capacity = old if old >= needed else min(max(needed, 2 * old, 16), self.block_size)
+        if self.block_size <= 4096:  # a real block: all W slots at once, so no later step reads the host
+            capacity = self.block_size
+        heads = self.num_heads * (2 if aligned else 1)
+        kv = like.new_zeros(bsz, 2, heads, capacity, self.head_dim)
+        views = [kv[:, 0, : self.num_heads], kv[:, 1, : self.num_heads]]
+        if aligned:
+            views += [kv[:, 0, self.num_heads :], kv[:, 1, self.num_heads :]]
+        for view, field in zip(views, fields):
+            if field is not None:
+                view.narrow(2, 0, field.shape[2]).copy_(field)
+        cache.keys, cache.values = views[:2]
+        if aligned:
+            cache.context_keys, cache.context_values = views[2:]
+        cache.step_kv = (kv, views)
+        return kv
+
+    def _fused_step(self, h: torch.Tensor, cache: LayerCache, position: torch.Tensor,
+                    context: torch.Tensor | None) -> torch.Tensor:
+        bsz, heads, d = h.shape[0], self.num_heads, self.head_dim
+        aligned = self.context == "aligned"
+        fused, kv_weight = self._step_weights()
+        kv = self.step_buffer(cache, h, position)
+        cap = kv.shape[3]
+        tables = self._step_tables(cap, h.device)
+        rows = tables["rows"].get(bsz)
+        if rows is None:
+            rows = tables["rows"][bsz] = torch.arange(bsz, device=h.device)
+        phase = position % self.block_size
+        proj = F.linear(h, fused).view(bsz, -1, heads, d)  # (B, G, H, d): q, [q_cross,] k, v
+        if self.rope:
+            rope = tables["rope"].index_select(0, phase)  # (B, G, 2, d)
+            x = proj.float()
+            proj = torch.addcmul(x * rope[:, :, :1], x.roll(d // 2, -1), rope[:, :, 1:]).to(h.dtype)
+        groups = 2 if aligned else 1  # query groups, then [k, v]
+        new = proj[:, groups:]  # (B, 2, H, d): keys (rotated to their slot) and values
+        if aligned:
+            ctx = self.context_norm(context)  # (B, D) or (B, H, D)
+            if self.context_per_head:
+                ckv = torch.einsum("bhd,hde->bhe", ctx, kv_weight.to(ctx.dtype)).view(bsz, heads, 2, d)
+                ckv = ckv.transpose(1, 2)
+            else:
+                ckv = F.linear(ctx, kv_weight).view(bsz, 2, heads, d)
+            new = torch.cat([new, ckv.to(new.dtype)], dim=2)
+        kv[rows, :, :, phase] = new
+        if tables["mask"] is not None:
+            mask = tables["mask"].index_select(0, phase)
+        else:
+            mask = torch.zeros((), device=h.device).masked_fill(tables["slots"] > phase[:, None], float("-inf"))
+        q = proj[:, :groups].reshape(bsz, groups * heads, 1, d)
+        out = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=mask.view(bsz, 1, 1, cap).to(q.dtype))
+        return self.out(out.reshape(bsz, groups * heads * d))

@@ -61,19 +61,26 @@ class BlockStateCache:
     # the position tensor the mirror belongs to: assigning ``position`` directly makes the mirror stale, and it is
     # then read again from the device, never used
     _host_of: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _length: int | None = field(default=None, repr=False, compare=False)  # the mirror's max, once read
 
     def positions_on_host(self) -> torch.Tensor:
         """The positions as a CPU tensor (the mirror when it is current, else one read from the device)."""
         if self.host_position is None or self._host_of is not self.position:
-            self.host_position, self._host_of = self.position.cpu(), self.position
+            self.host_position, self._host_of, self._length = self.position.cpu(), self.position, None
         return self.host_position
 
-    def set_position(self, position: torch.Tensor, host: torch.Tensor | None = None) -> None:
-        """New positions, with their host mirror when the caller knows it (else it is read once, lazily)."""
+    def set_position(self, position: torch.Tensor, host: torch.Tensor | None = None,
+                     length: int | None = None) -> None:
+        """New positions, with their host mirror (and its max, ``length``) when the caller knows it (else it is
+        read once, lazily)."""
         self.position, self.host_position, self._host_of = position, host, position
+        self._length = length if host is not None else None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.positions_on_host().max()) if self.position.numel() else 0
+        host = self.positions_on_host()
+        if self._length is None:  # a decoding step knows it (the last one's + 1): no op per token
+            self._length = int(host.max()) if host.numel() else 0
+        return self._length
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         self.index_select(beam_idx)
@@ -120,3 +127,15 @@ def gather_positions(x: torch.Tensor, starts: torch.Tensor, count: int) -> torch
     index = (starts[:, None] + torch.arange(count, device=x.device)[None, :]).clamp(0, x.shape[1] - 1)
     index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
     return x.gather(1, index)
+
+
+def cached_on(owner, name: str, params, build):
+    """``build()``, kept on ``owner`` (a module) until one of ``params`` is moved, cast, replaced or updated in
+    place: constants a decoding step derives from parameters (fused weights, discretised SSMs) are computed once,
+    not per token. Not part of the state dict; a checkpoint loads into the parameters as before."""
+    key = tuple((p.device, p.dtype, p.data_ptr(), p._version) for p in params)
+    store = owner.__dict__.setdefault("_step_constants", {})
+    hit = store.get(name)
+    if hit is None or hit[0] != key:
+        hit = store[name] = (key, build())
+    return hit[1]

@@ -21,7 +21,7 @@ import torch
 import transformers.initialization as init
 from torch import nn
 
-from blockstate.layers.cache import grow
+from blockstate.layers.cache import cached_on, grow
 from blockstate.ops import (
     decay_rates,
     exponential_decay,
@@ -33,7 +33,6 @@ from blockstate.ops import (
     s4d_init,
     s4d_kernel,
     s4d_state_response,
-    s4d_step,
     squash_smooth,
 )
 
@@ -282,6 +281,19 @@ class LongConvSSM(nn.Module):
             cache.history[..., start : start + total] = history
             cache.kernel = self.kernel(cache.history.shape[-1]).detach()
 
+    def _step_coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """S4D's discretised (Abar, Bbar) as (D, C, m) complex and 2 (Re C, -Im C) as (D, C, m, 2) real, computed
+        once per parameter version instead of per token."""
+        k = self.kernel
+
+        def build():
+            abar, bbar, c = s4d_discretize(k.log_dt, k.log_a_real, k.a_imag, k.c)
+            shape = (self.channels, self.filters, abar.shape[-1])
+            c2 = 2 * torch.stack([c.real, -c.imag], dim=-1)
+            return abar.view(shape), bbar.view(shape), c2.view(*shape, 2)
+
+        return cached_on(self, "step_coefficients", list(k.parameters()), build)
+
     @torch.no_grad()
     def step(self, cache, u: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """u (B, D) at positions (B,) -> y (B, D, C), fp32, equal to the convolution's output there."""
@@ -289,12 +301,18 @@ class LongConvSSM(nn.Module):
         with torch.autocast(device_type=u.device.type, enabled=False):
             u = u.float()
             if self.recurrent:
-                k = self.kernel
-                abar, bbar, c = s4d_discretize(k.log_dt, k.log_a_real, k.a_imag, k.c)
-                if cache.ssm_state is None:
-                    cache.ssm_state = torch.zeros(bsz, *abar.shape, dtype=abar.dtype, device=u.device)
-                cache.ssm_state, y = s4d_step(cache.ssm_state, self._per_filter(u), abar, bbar, c)
-                y = y.view(bsz, self.channels, self.filters)
+                abar, bbar, c = self._step_coefficients()
+                state = cache.ssm_state
+                if state is None or not state.is_contiguous():
+                    state = torch.zeros(bsz, *abar.shape, dtype=abar.dtype, device=u.device) if state is None \
+                        else state.contiguous()
+                # x' = Abar x + Bbar u in place: (B, D, C, m), channel d feeds its C filters by broadcasting
+                x = state.view(bsz, self.channels, self.filters, -1)
+                x.mul_(abar).add_(bbar * u.view(bsz, self.channels, 1, 1))
+                cache.ssm_state = state
+                # y = 2 Re(sum_m C x) + skip u as real products over (m, re/im), with 2 and the sign folded in c
+                y = (torch.view_as_real(x) * c).sum((-2, -1))
+                return torch.addcmul(y, self.skip.float(), u.unsqueeze(-1))
             else:
                 needed = int(cache.positions_on_host(position).max()) + 1  # the mirror: no sync
                 old = 0 if cache.history is None else cache.history.shape[-1]

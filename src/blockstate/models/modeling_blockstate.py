@@ -134,12 +134,12 @@ class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
     def step(self, input_ids: torch.LongTensor, cache: BlockStateCache) -> torch.Tensor:
         """One token per row, (B,) -> final hidden states (B, D); advances ``cache.position``."""
         x = self.embed_tokens(input_ids)
-        host = cache.positions_on_host()
+        host, length = cache.positions_on_host(), cache.get_seq_length()
         for layer, layer_cache in zip(self.layers, cache.layers):
             layer_cache.host_position = host  # the layers' shape decisions read it (LayerCache.positions_on_host)
             x = layer.step(x, layer_cache, cache.position)
             layer_cache.host_position = None
-        cache.set_position(cache.position + 1, host + 1)
+        cache.set_position(cache.position + 1, host + 1, length + 1)
         return self.norm(x)
 
 
@@ -187,7 +187,7 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError("input_ids is empty (batch size 0): pass at least one row")
     if not reads_values(input_ids):
         return
-    lo, hi = int(input_ids.min()), int(input_ids.max())
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"input_ids must lie in [0, {vocab_size - 1}] (vocab_size={vocab_size}), got values in "
                          f"[{lo}, {hi}]; the tokenizer and the model's vocab_size disagree")
@@ -236,7 +236,8 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
             if input_ids is None:
                 raise ValueError("decoding with a cache needs input_ids")
             check_input_ids(input_ids, self.config.vocab_size)
-            hidden = torch.stack([self.model.step(input_ids[:, t], cache) for t in range(input_ids.shape[1])], 1)
+            steps = [self.model.step(input_ids[:, t], cache) for t in range(input_ids.shape[1])]
+            hidden = steps[0].unsqueeze(1) if len(steps) == 1 else torch.stack(steps, 1)
             logits = self.lm_head(hidden).float()
             loss = None if labels is None else causal_lm_loss(logits, labels)
             return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache)
