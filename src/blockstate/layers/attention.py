@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import transformers.initialization as init
 from torch import nn
 
-from blockstate.layers.cache import LayerCache, cached_on, gather_positions, grow
+from blockstate.layers.cache import LayerCache, cached_on, gather_positions, grow, no_grad_step
 from blockstate.layers.common import RMSNorm, apply_rope, from_blocks, num_blocks, rope_cos_sin, to_blocks
 
 CONTEXT_LAYOUTS = (None, "aligned", "states")
@@ -229,7 +229,7 @@ class BlockAttention(nn.Module):
             kc, vc = self.context_keys_values(states)
             cache.context_keys, cache.context_values = kc.transpose(1, 2), vc.transpose(1, 2)
 
-    @torch.no_grad()
+    @no_grad_step
     def step(self, h: torch.Tensor, cache: LayerCache, position: torch.Tensor,
              context: torch.Tensor | None = None) -> torch.Tensor:
         """One token per row. h: normed input (B, D); position: (B,) index of this token in its row's stream;
@@ -410,7 +410,7 @@ class BlockAttention(nn.Module):
         groups = 2 if aligned else 1  # query groups, then [k, v]
         new = proj[:, groups:]  # (B, 2, H, d): keys (rotated to their slot) and values
         if aligned:
-            ctx = self.context_norm(context)  # (B, D) or (B, H, D)
+            ctx = self.context_norm.step(context)  # (B, D) or (B, H, D)
             if self.context_per_head:
                 ckv = torch.einsum("bhd,hde->bhe", ctx, kv_weight.to(ctx.dtype)).view(bsz, heads, 2, d)
                 ckv = ckv.transpose(1, 2)
@@ -424,4 +424,4 @@ class BlockAttention(nn.Module):
             mask = torch.zeros((), device=h.device).masked_fill(tables["slots"] > phase[:, None], float("-inf"))
         q = proj[:, :groups].reshape(bsz, groups * heads, 1, d)
         out = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=mask.view(bsz, 1, 1, cap).to(q.dtype))
-        return self.out(out.reshape(bsz, groups * heads * d))
+        return F.linear(out.reshape(bsz, groups * heads * d), self.out.weight)

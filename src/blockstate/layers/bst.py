@@ -27,7 +27,7 @@ import transformers.initialization as init
 from torch import nn
 
 from blockstate.layers.attention import BlockAttention
-from blockstate.layers.cache import LayerCache
+from blockstate.layers.cache import LayerCache, no_grad_step
 from blockstate.layers.common import FeedForward, RMSNorm, num_blocks
 from blockstate.layers.ssm import LongConvSSM, kernel_from_config
 
@@ -91,7 +91,7 @@ class ContextStates(nn.Module):
             return y.permute(0, 3, 2, 1).contiguous()  # (B, L, H, D): the norm over D then reads memory in order
         return self.block_summaries(y, previous)
 
-    @torch.no_grad()
+    @no_grad_step
     def step(self, u: torch.Tensor, cache: LayerCache, position: torch.Tensor, stream: bool = False):
         """u (B, D) at positions (B,) -> this position's context: sh (B, D), mh (B, H, D); mf (B, S, D), the
         states of a block starting at this position (the outputs at the previous position, or the initial
@@ -206,10 +206,10 @@ class BlockTransformerLayer(nn.Module):
             self.attention.fill_cache(cache, u, context, lengths)
         return x + (self.ffn(self.ffn_norm(x), stream) if self.ssm_ffn else self.ffn(self.ffn_norm(x)))
 
-    @torch.no_grad()
+    @no_grad_step
     def step(self, x: torch.Tensor, cache: LayerCache, position: torch.Tensor) -> torch.Tensor:
         """One token per row: x (B, D) at positions (B,) -> (B, D), equal to the parallel forward there."""
-        u = self.norm(x)
+        u = self.norm.step(x)
         context = stream = None
         if self.ssm_residual is not None or self.ssm_ffn:
             context, stream = self.context.step(u, cache, position, stream=True)
@@ -218,7 +218,13 @@ class BlockTransformerLayer(nn.Module):
         x = x + self.attention.step(u, cache, position, context)
         if self.ssm_residual is not None:
             x = x + self.ssm_residual(u, stream)
-        return x + (self.ffn(self.ffn_norm(x), stream) if self.ssm_ffn else self.ffn(self.ffn_norm(x)))
+        v = self.ffn_norm.step(x)
+        if self.ssm_ffn:
+            return x + self.ffn(v, stream)
+        if type(self.ffn) is FeedForward and not self.training and not self.ffn._forward_hooks:
+            # the same two products and GELU without three module calls and an identity dropout
+            return x + F.linear(F.gelu(F.linear(v, self.ffn.up.weight)), self.ffn.down.weight)
+        return x + self.ffn(v)
 
     def allocate_inference_cache(self) -> LayerCache:
         """An empty cache; buffers are sized on first use (prefill or step)."""

@@ -20,6 +20,12 @@ class RMSNorm(nn.Module):
         y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
 
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` for a decoding step: fp32 through the one fused call (the same arithmetic), else forward."""
+        if x.dtype is torch.float32 and self.weight.dtype is torch.float32 and not self._forward_hooks:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self(x)
+
 
 class FeedForward(nn.Module):
     """Bias-free D -> intermediate -> D with GELU (the Block Transformer's FFN)."""

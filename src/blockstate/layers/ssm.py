@@ -21,7 +21,7 @@ import torch
 import transformers.initialization as init
 from torch import nn
 
-from blockstate.layers.cache import cached_on, grow
+from blockstate.layers.cache import cached_on, grow, no_grad_step
 from blockstate.ops import (
     decay_rates,
     exponential_decay,
@@ -281,6 +281,22 @@ class LongConvSSM(nn.Module):
             cache.history[..., start : start + total] = history
             cache.kernel = self.kernel(cache.history.shape[-1]).detach()
 
+    def _recurrent_step(self, cache, u: torch.Tensor) -> torch.Tensor:
+        """S4D / DSS: u (B, D) fp32 -> y (B, D, C); the state (B, D*C, m) complex is updated in place."""
+        bsz = u.shape[0]
+        abar, bbar, c = self._step_coefficients()
+        state = cache.ssm_state
+        if state is None or not state.is_contiguous():
+            state = torch.zeros(bsz, self.channels * self.filters, abar.shape[-1], dtype=abar.dtype,
+                                device=u.device) if state is None else state.contiguous()
+        # x' = Abar x + Bbar u in place: (B, D, C, m), channel d feeds its C filters by broadcasting
+        x = state.view(bsz, self.channels, self.filters, -1)
+        x.mul_(abar).add_(bbar * u.view(bsz, self.channels, 1, 1))
+        cache.ssm_state = state
+        # y = 2 Re(sum_m C x) + skip u as real products over (m, re/im), with 2 and the sign folded in c
+        y = (torch.view_as_real(x) * c).sum((-2, -1))
+        return torch.addcmul(y, self.skip.float(), u.unsqueeze(-1))
+
     def _step_coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """S4D's discretised (Abar, Bbar) as (D, C, m) complex and 2 (Re C, -Im C) as (D, C, m, 2) real, computed
         once per parameter version instead of per token."""
@@ -294,25 +310,16 @@ class LongConvSSM(nn.Module):
 
         return cached_on(self, "step_coefficients", list(k.parameters()), build)
 
-    @torch.no_grad()
+    @no_grad_step
     def step(self, cache, u: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """u (B, D) at positions (B,) -> y (B, D, C), fp32, equal to the convolution's output there."""
         bsz = u.shape[0]
+        if self.recurrent and u.dtype is torch.float32 and not torch.is_autocast_enabled(u.device.type):
+            return self._recurrent_step(cache, u)  # fp32 already, no autocast to turn off
         with torch.autocast(device_type=u.device.type, enabled=False):
             u = u.float()
             if self.recurrent:
-                abar, bbar, c = self._step_coefficients()
-                state = cache.ssm_state
-                if state is None or not state.is_contiguous():
-                    state = torch.zeros(bsz, *abar.shape, dtype=abar.dtype, device=u.device) if state is None \
-                        else state.contiguous()
-                # x' = Abar x + Bbar u in place: (B, D, C, m), channel d feeds its C filters by broadcasting
-                x = state.view(bsz, self.channels, self.filters, -1)
-                x.mul_(abar).add_(bbar * u.view(bsz, self.channels, 1, 1))
-                cache.ssm_state = state
-                # y = 2 Re(sum_m C x) + skip u as real products over (m, re/im), with 2 and the sign folded in c
-                y = (torch.view_as_real(x) * c).sum((-2, -1))
-                return torch.addcmul(y, self.skip.float(), u.unsqueeze(-1))
+                return self._recurrent_step(cache, u)
             else:
                 needed = int(cache.positions_on_host(position).max()) + 1  # the mirror: no sync
                 old = 0 if cache.history is None else cache.history.shape[-1]

@@ -18,7 +18,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from blockstate.layers import BlockTransformerLayer, BSTLayer, RMSNorm
-from blockstate.layers.cache import BlockStateCache, gather_positions
+from blockstate.layers.cache import BlockStateCache, gather_positions, no_grad_step
 from blockstate.layers.recurrent import BlockRecurrentLayer
 from blockstate.models.common import (
     BlockStateCausalLMOutput,
@@ -130,7 +130,7 @@ class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
         return BlockStateCache(position=torch.zeros(batch_size, dtype=torch.long, device=device),
                                layers=[layer.allocate_inference_cache() for layer in self.layers])
 
-    @torch.no_grad()
+    @no_grad_step
     def step(self, input_ids: torch.LongTensor, cache: BlockStateCache) -> torch.Tensor:
         """One token per row, (B,) -> final hidden states (B, D); advances ``cache.position``."""
         x = self.embed_tokens(input_ids)
@@ -140,7 +140,7 @@ class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
             x = layer.step(x, layer_cache, cache.position)
             layer_cache.host_position = None
         cache.set_position(cache.position + 1, host + 1, length + 1)
-        return self.norm(x)
+        return self.norm.step(x)
 
 
 def build_layer(config: BlockStateConfig, index: int) -> nn.Module:
