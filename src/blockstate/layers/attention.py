@@ -311,27 +311,28 @@ class BlockAttention(nn.Module):
         return not self.attend_previous_block and self.context in (None, "aligned")
 
     def _step_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """([q; q_cross; k; v] (G*D, D), the context's [k; v] projection with all keys first) from the parameters."""
+        """[q; q_cross; k; v] transposed, (D, G*D), and the context's [k; v] projection with all keys first,
+        (D, 2D) (MH: the per-head parameter itself), from the parameters: ``h @ w`` is one product."""
         aligned = self.context == "aligned"
         cross = ([self.kv_cross_heads if self.context_per_head else self.kv_cross.weight] if aligned else [])
         params = [self.qkv.weight] + ([self.q_cross.weight] if aligned else []) + cross
 
         def build():
             q, k, v = self.qkv.weight.chunk(3)
-            fused = torch.cat([q, self.q_cross.weight, k, v] if aligned else [q, k, v])
+            fused = torch.cat([q, self.q_cross.weight, k, v] if aligned else [q, k, v]).t().contiguous()
             if not aligned:
                 return fused, None
             heads, d = self.num_heads, self.head_dim
             if self.context_per_head:  # (H, D, 2d) -> (H, D, [k | v]) as is; split after the product
                 return fused, self.kv_cross_heads.detach()
             kv = self.kv_cross.weight.view(heads, 2, d, self.dim).transpose(0, 1).reshape(2 * heads * d, self.dim)
-            return fused, kv
+            return fused, kv.t().contiguous()
 
         return cached_on(self, "step_weights", params, build)
 
     def _step_tables(self, cap: int, device) -> dict:
-        """Per capacity: RoPE (cap, G, 2, d) = cos and sign-folded sin per slot and projection group, the additive
-        causal mask (cap, cap) for capacities up to 1024 (else built per step from the slot indices)."""
+        """Per capacity: RoPE (cap, 2, G, 1, d) = cos and sign-folded sin per slot and projection group, the
+        additive causal mask (cap, 1, 1, cap) for capacities up to 1024 (else built per step from the slots)."""
         tables = self.__dict__.setdefault("_step_tables_cache", {})
         key = (cap, str(device))
         if key not in tables:
@@ -341,11 +342,11 @@ class BlockAttention(nn.Module):
             cos, sin = rope_cos_sin(slots, d, self.rope_theta)
             sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # x.roll(half) * sin = rotate_half(x) * sin
             one, zero = torch.ones_like(cos), torch.zeros_like(sin)
-            rope = torch.stack([torch.stack([cos, sin] if r else [one, zero], 1) for r in rotated], 1)
+            rope = torch.stack([torch.stack([cos, sin] if r else [one, zero], 1) for r in rotated], 2).unsqueeze(3)
             mask = None
             if cap <= 1024:
                 mask = torch.zeros(cap, cap, device=device).masked_fill_(
-                    torch.ones(cap, cap, dtype=torch.bool, device=device).triu_(1), float("-inf"))
+                    torch.ones(cap, cap, dtype=torch.bool, device=device).triu_(1), float("-inf")).view(cap, 1, 1, cap)
             tables.clear()  # one capacity at a time (a full-attention cache doubles its capacity)
             tables[key] = {"rope": rope, "mask": mask, "slots": slots, "rows": {}}
         return tables[key]
@@ -387,7 +388,7 @@ class BlockAttention(nn.Module):
         cache.keys, cache.values = views[:2]
         if aligned:
             cache.context_keys, cache.context_values = views[2:]
-        cache.step_kv = (kv, views)
+        cache.step_kv = (kv, views, (kv[:, 0], kv[:, 1], kv.permute(0, 3, 1, 2, 4)))
         return kv
 
     def _fused_step(self, h: torch.Tensor, cache: LayerCache, position: torch.Tensor,
@@ -395,33 +396,34 @@ class BlockAttention(nn.Module):
         bsz, heads, d = h.shape[0], self.num_heads, self.head_dim
         aligned = self.context == "aligned"
         fused, kv_weight = self._step_weights()
-        kv = self.step_buffer(cache, h, position)
-        cap = kv.shape[3]
+        cap = self.step_buffer(cache, h, position).shape[3]
+        keys, values, slot_major = cache.step_kv[2]
         tables = self._step_tables(cap, h.device)
         rows = tables["rows"].get(bsz)
         if rows is None:
             rows = tables["rows"][bsz] = torch.arange(bsz, device=h.device)
         phase = position % self.block_size
-        proj = F.linear(h, fused).view(bsz, -1, heads, d)  # (B, G, H, d): q, [q_cross,] k, v
+        proj = torch.mm(h, fused).view(bsz, -1, heads, d)  # (B, G, H, d): q, [q_cross,] k, v
         if self.rope:
-            rope = tables["rope"].index_select(0, phase)  # (B, G, 2, d)
+            cos, sin = tables["rope"].index_select(0, phase).unbind(1)  # (B, G, 1, d) each
             x = proj.float()
-            proj = torch.addcmul(x * rope[:, :, :1], x.roll(d // 2, -1), rope[:, :, 1:]).to(h.dtype)
+            proj = torch.addcmul(x * cos, x.roll(d // 2, -1), sin).to(h.dtype)
         groups = 2 if aligned else 1  # query groups, then [k, v]
-        new = proj[:, groups:]  # (B, 2, H, d): keys (rotated to their slot) and values
+        q, new = proj.split([groups, 2], 1)  # new (B, 2, H, d): keys (rotated to their slot) and values
         if aligned:
             ctx = self.context_norm.step(context)  # (B, D) or (B, H, D)
             if self.context_per_head:
                 ckv = torch.einsum("bhd,hde->bhe", ctx, kv_weight.to(ctx.dtype)).view(bsz, heads, 2, d)
                 ckv = ckv.transpose(1, 2)
             else:
-                ckv = F.linear(ctx, kv_weight).view(bsz, 2, heads, d)
+                ckv = torch.mm(ctx, kv_weight).view(bsz, 2, heads, d)
             new = torch.cat([new, ckv.to(new.dtype)], dim=2)
-        kv[rows, :, :, phase] = new
+        slot_major.index_put_((rows, phase), new)  # (B, cap, 2, heads, d) view of the buffer: written in place
         if tables["mask"] is not None:
-            mask = tables["mask"].index_select(0, phase)
+            mask = tables["mask"].index_select(0, phase)  # (B, 1, 1, cap)
         else:
             mask = torch.zeros((), device=h.device).masked_fill(tables["slots"] > phase[:, None], float("-inf"))
-        q = proj[:, :groups].reshape(bsz, groups * heads, 1, d)
-        out = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=mask.view(bsz, 1, 1, cap).to(q.dtype))
+            mask = mask.view(bsz, 1, 1, cap)
+        out = F.scaled_dot_product_attention(q.reshape(bsz, groups * heads, 1, d), keys, values,
+                                             attn_mask=mask.to(q.dtype))
         return F.linear(out.reshape(bsz, groups * heads * d), self.out.weight)
