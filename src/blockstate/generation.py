@@ -32,6 +32,9 @@ class SamplingConfig:
     top_p: float | None = None
     repetition_penalty: float = 1.0
     seed: int = 0
+    # decode from fixed buffers, captured in a CUDA graph on CUDA (blockstate.models.static_decode); BST SH / MH
+    # with S4D kernels only, others are refused in one line
+    static_cache: bool = False
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -134,8 +137,9 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], cfg: SamplingConfig, e
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
+            extra = {"static_cache": True} if cfg.static_cache else {}
             out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen_config,
-                                 streamer=streamer)
+                                 streamer=streamer, **extra)
     finally:
         model.train(was_training)
     new = out[0, ids.shape[1]:].tolist()

@@ -63,6 +63,8 @@ class BlockStateCache:
     # then read again from the device, never used
     _host_of: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _length: int | None = field(default=None, repr=False, compare=False)  # the mirror's max, once read
+    # a StaticDecoder (blockstate.models.static_decode) once a prefill asked for static_cache=True
+    static: object | None = field(default=None, repr=False, compare=False)
 
     def positions_on_host(self) -> torch.Tensor:
         """The positions as a CPU tensor (the mirror when it is current, else one read from the device)."""

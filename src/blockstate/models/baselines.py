@@ -37,6 +37,7 @@ from blockstate.models.modeling_blockstate import (
     check_input_ids,
 )
 from blockstate.models.stateful import SegmentCarry, SegmentLMOutput, SegmentStateMixin, right_padding_only
+from blockstate.models.static_decode import check_static_decode
 
 
 def _inference_call(kwargs: dict) -> bool:
@@ -100,6 +101,8 @@ class BlockRecurrentForCausalLM(BlockTransformerForCausalLM):
     def forward(self, input_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
                 attention_mask: torch.Tensor | None = None, *, carry: SegmentCarry | None = None,
                 reset: torch.Tensor | None = None, carry_length: int | None = None, **kwargs) -> SegmentLMOutput:
+        if kwargs.get("static_cache"):
+            check_static_decode(self)  # one line: its blocks are sequential
         if _inference_call(kwargs):
             return self.recurrent_forward(input_ids, labels, attention_mask, kwargs.get("cache"))
         right_padding_only(attention_mask, input_ids)

@@ -28,6 +28,7 @@ from blockstate.models.common import (
     run_layer,
 )
 from blockstate.models.configuration_blockstate import BlockStateConfig
+from blockstate.models.static_decode import StaticDecoder, check_static_decode
 
 
 class BlockStatePreTrainedModel(PreTrainedModel):
@@ -227,18 +228,23 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
     def forward(self, input_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: BlockStateCache | None = None,
                 use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None,
-                return_dict: bool | None = None, **kwargs) -> BlockStateCausalLMOutput:
+                return_dict: bool | None = None, static_cache: bool = False, **kwargs) -> BlockStateCausalLMOutput:
         """Parallel forward; or, with ``use_cache``, a parallel prefill that returns a cache; or, given a cache
         that has seen tokens, recurrent decoding of ``input_ids`` one token at a time (equal to the parallel
         forward over the whole stream). ``attention_mask`` (B, L) marks one contiguous run of real tokens per row
-        (left or right padding); each row is computed as if it stood alone."""
+        (left or right padding); each row is computed as if it stood alone. ``static_cache=True`` with a prefill:
+        decode from fixed buffers, in a CUDA graph on CUDA (``blockstate.models.static_decode``)."""
         if cache is not None and cache.get_seq_length() > 0 and not self._continues_in_parallel(cache, input_ids):
             if input_ids is None:
                 raise ValueError("decoding with a cache needs input_ids")
             check_input_ids(input_ids, self.config.vocab_size)
-            steps = [self.model.step(input_ids[:, t], cache) for t in range(input_ids.shape[1])]
-            hidden = steps[0].unsqueeze(1) if len(steps) == 1 else torch.stack(steps, 1)
-            logits = self.lm_head(hidden).float()
+            if cache.static is not None:  # the static step returns logits (the head is part of the graph)
+                steps = [cache.static.step(input_ids[:, t]) for t in range(input_ids.shape[1])]
+                logits = steps[0].unsqueeze(1) if len(steps) == 1 else torch.stack(steps, 1)
+            else:
+                steps = [self.model.step(input_ids[:, t], cache) for t in range(input_ids.shape[1])]
+                hidden = steps[0].unsqueeze(1) if len(steps) == 1 else torch.stack(steps, 1)
+                logits = self.lm_head(hidden).float()
             loss = None if labels is None else causal_lm_loss(logits, labels)
             return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache)
 
@@ -252,6 +258,8 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
             input_ids = input_ids * (torch.arange(input_ids.shape[1], device=input_ids.device) < lengths[:, None])
         if cache is not None and cache.get_seq_length() > 0 and starts is not None:
             raise ValueError("attention_mask padding is only supported for the first (prefill) call")
+        if static_cache:
+            check_static_decode(self)
         if use_cache and cache is None:
             batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             cache = self.model.allocate_inference_cache(batch)
@@ -263,6 +271,8 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
             real = (t >= starts[:, None]) & (t < (starts + lengths)[:, None])
             logits = gather_positions(logits, -starts, logits.shape[1]) * real[..., None]
         loss = None if labels is None else causal_lm_loss(logits, labels)
+        if static_cache and cache is not None:
+            cache.static = StaticDecoder(self, cache)
         return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache or cache else None)
 
     def _continues_in_parallel(self, cache: BlockStateCache, input_ids: torch.Tensor | None) -> bool:
@@ -288,7 +298,8 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
         if cache is not None and cache.get_seq_length() > 0:
             # the cache has consumed everything but the newest token
             return {"input_ids": input_ids[:, -1:], "cache": cache, "use_cache": True}
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache,
+                "static_cache": bool(kwargs.get("static_cache", False))}
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

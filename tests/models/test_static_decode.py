@@ -1,0 +1,101 @@
+"""Static-cache decoding (``static_cache=True``, ``blockstate.models.static_decode``) equals the dynamic cache.
+
+On CPU the static step runs eagerly over fixed buffers; with ``BLOCKSTATE_TEST_DEVICE=cuda`` (scripts/gpu-check.sh)
+the same tests run the step as a captured CUDA graph, replayed per token, and check that a graph was captured.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers.models import VOCAB, build
+
+from blockstate.generation import SamplingConfig, generate_ids
+from blockstate.models import static_decode
+
+DEVICE = torch.device(os.environ.get("BLOCKSTATE_TEST_DEVICE", "cpu"))
+SUPPORTED = ["bst-sh-s4", "bst-mh-s4"]
+REFUSED = ["bst-mf-s4", "bst-sh-unstructured", "bst-sh-s4-gated", "gpt", "slide", "transformer-xl", "brect",
+           "gss-hybrid"]
+TOL = 1e-5 if DEVICE.type == "cpu" else 1e-4
+
+
+def model_for(name: str):
+    return build(name).to(DEVICE)
+
+
+def ids_for(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=g).to(DEVICE)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_static_decode_equals_dynamic(name):
+    """Prefill 13 tokens (mid-block, W = 8), then 30 tokens across several blocks: the same logits as the dynamic
+    cache, on the same tensors every step (nothing reallocated), captured as a CUDA graph on CUDA."""
+    model = model_for(name)
+    prompt = ids_for(2, 13)
+    with torch.no_grad():
+        dynamic = model(prompt, use_cache=True).cache
+        static = model(prompt, use_cache=True, static_cache=True).cache
+        fixed = [(owner, field, t) for owner, field, t in static.static.fixed]
+        worst = 0.0
+        for token in ids_for(2, 30, seed=1).unbind(1):
+            a = model(token[:, None], cache=dynamic).logits
+            b = model(token[:, None], cache=static).logits
+            worst = max(worst, float((a - b).abs().max()))
+    assert worst < TOL
+    assert all(getattr(owner, field) is t for owner, field, t in fixed)
+    assert static.get_seq_length() == dynamic.get_seq_length() == 43
+    assert torch.equal(static.position.cpu(), dynamic.position.cpu())
+    assert (static.static.graph is not None) == (DEVICE.type == "cuda")
+
+
+@pytest.mark.parametrize("name", SUPPORTED[:1])
+def test_generate_with_static_cache(name, monkeypatch):
+    """``generate(..., static_cache=True)``: greedy, beam search (the cache is reordered: copied back into the
+    fixed tensors) and a left-padded batch give the dynamic cache's tokens, through the static step."""
+    calls = []
+    step = static_decode.StaticDecoder.step
+    monkeypatch.setattr(static_decode.StaticDecoder, "step", lambda self, t: calls.append(1) or step(self, t))
+    model = model_for(name)
+    ids = ids_for(2, 11)
+    padded = torch.ones_like(ids)
+    padded[0, :4] = 0
+    for extra in (dict(), dict(num_beams=3), dict(attention_mask=padded)):
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, pad_token_id=0)
+        kw.update(extra)
+        calls.clear()
+        expected = model.generate(ids, **kw)
+        assert not calls
+        assert torch.equal(model.generate(ids, static_cache=True, **kw), expected), extra
+        assert len(calls) == 19  # every token after the prefill's
+
+
+def test_generation_option_and_a_new_batch():
+    """``SamplingConfig(static_cache=True)`` gives the same ids; a cache cut to fewer rows gets a new decoder."""
+    model = model_for("bst-sh-s4")
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    prompt = ids_for(1, 9)[0].tolist()
+    assert generate_ids(model, prompt, SamplingConfig(**{**cfg.__dict__, "static_cache": True}), None) == \
+        generate_ids(model, prompt, cfg, None)
+    with torch.no_grad():
+        dynamic = model(ids_for(3, 10), use_cache=True).cache
+        static = model(ids_for(3, 10), use_cache=True, static_cache=True).cache
+        keep = torch.tensor([2, 0], device=DEVICE)
+        dynamic.index_select(keep)
+        static.index_select(keep)
+        token = ids_for(2, 1, seed=3)
+        for _ in range(3):
+            assert (model(token, cache=dynamic).logits - model(token, cache=static).logits).abs().max() < TOL
+    assert static.static.batch == 2
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_unsupported_models_are_refused_in_one_line(name):
+    model = model_for(name)
+    with pytest.raises(ValueError, match="static_cache=True needs") as err:
+        model(ids_for(1, 9), use_cache=True, static_cache=True)
+    assert "\n" not in str(err.value)
