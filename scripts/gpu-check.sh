@@ -9,13 +9,15 @@
 #   1. the device subset of the tests on CUDA (BLOCKSTATE_TEST_DEVICE=cuda): streaming = parallel, bf16 autocast
 #      with the SSM in fp32, whole-model bf16, save/load, a few training steps of every registered model,
 #      torch.compile = eager (tests/models/test_device.py); no host sync in a training step, the decode step's syncs
-#      listed (tests/models/test_host_syncs.py); gradient checkpointing = plain gradients (tests/models/test_gradient_checkpointing.py)
+#      listed (tests/models/test_host_syncs.py); gradient checkpointing = plain gradients (tests/models/test_gradient_checkpointing.py);
+#      the static-cache decode step captured as a CUDA graph = the dynamic cache (tests/models/test_static_decode.py)
 #   2. bench layers, fp32 and bf16 autocast, forward and forward+backward, 1k-65k: BST variants, Block-Recurrent
 #      (ours, and the peer package's when it is importable), sliding window, block-local, full attention
 #      -> layers-gpu.{json,png}, layers-gpu-bf16.{json,png}
 #   3. bench train at size small: tokens/s, model FLOPs utilisation against the GPU's bf16 peak, the memory
 #      gradient checkpointing saves -> train-gpu.{json,png}
-#   4. bench generate: ms per token and cache memory vs context -> generation.{json,png}
+#   4. bench generate: ms per token and cache memory vs context, BST:SH also as a CUDA graph per token (--static)
+#      -> generation.{json,png}
 #   5. the paper's speed goals with our ratios (python -m blockstate.benchmarks.gpu_check OUTDIR)
 #
 # Without a CUDA device it says so in one line and exits 2. --cpu-dry-run runs the same steps on CPU at tiny
@@ -79,7 +81,8 @@ step() {
   ((rc == 0)) || FAILED+=("$name (exit $rc$( ((rc == 124)) && echo ', timed out'))")
 }
 
-TESTS=(tests/models/test_device.py tests/models/test_host_syncs.py tests/models/test_gradient_checkpointing.py)
+TESTS=(tests/models/test_device.py tests/models/test_host_syncs.py tests/models/test_gradient_checkpointing.py
+  tests/models/test_static_decode.py)
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
   export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # shared CPUs: spinning OpenMP threads stall everyone
@@ -87,7 +90,7 @@ if [ "$DRY" = 1 ]; then
   LAYER_ARGS=(--layers bst-sh-s4,brect,peer-brect,slide,block,full --lengths 128,256 --dim 32 --heads 4 --block 16
     --state 8 --repeats 1)
   TRAIN_ARGS=(--size tiny --models bst-sh-s4,slide --lengths 128 --steps 1)
-  GEN_ARGS=(--contexts 64,128 --steps 2 --repeats 1)
+  GEN_ARGS=(--contexts 64,128 --steps 2 --repeats 1 --static)
   # generous limits: a loaded 2-core machine runs these steps several times slower than a quiet one (~3 min)
   LIMITS=(150 75 75 100 75)
 else
@@ -97,7 +100,7 @@ else
     --lengths 1k,2k,4k,8k,16k,32k,65k --repeats 3 --time-limit 3)
   TRAIN_ARGS=(--size small --models bst-sh-s4,bst-mh-s4,bst-mf-s4,bst-sh-s4-gated,gpt,slide,brect,gss-hybrid
     --lengths 1k,4k,16k --steps 3 --time-limit 10)
-  GEN_ARGS=(--contexts 1024,16384,65536 --steps 16 --repeats 3)
+  GEN_ARGS=(--contexts 1024,16384,65536 --steps 16 --repeats 3 --static)
   LIMITS=(170 70 70 95 45)  # seconds, sized for an H100/H200 (compile tests dominate the first)
 fi
 

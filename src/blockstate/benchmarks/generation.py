@@ -3,7 +3,8 @@ KV cache (the same code with no SSM layers and one block as long as the context,
 
 For each model and context c: prefill c tokens in parallel mode, then time single-token decoding steps. The
 BST cache holds one block of keys/values and the SSM state, so its per-token cost should not grow with c; the
-KV cache grows linearly and its per-token attention cost with it.
+KV cache grows linearly and its per-token attention cost with it. ``static=True`` adds BST:SH decoding from a
+static cache (``static_cache=True``: fixed buffers, the step captured as a CUDA graph on CUDA).
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ import torch
 from blockstate.benchmarks.common import machine, pyplot, time_call, write_json
 from blockstate.models import BlockStateForCausalLM, preset_config
 
+STATIC = " static"  # suffix of a model decoded from a static cache (a CUDA graph on CUDA)
 
-def bench_models(size: str) -> dict[str, BlockStateForCausalLM]:
+
+def bench_models(size: str, static: bool = False) -> dict[str, BlockStateForCausalLM]:
     models = {f"bst-{v}-s4": BlockStateForCausalLM(preset_config(size, v, "s4d")) for v in ("sh", "mh", "mf")}
+    if static:
+        models["bst-sh-s4" + STATIC] = models["bst-sh-s4"]  # the same model, decoded from a static cache
     models["gpt (KV cache)"] = BlockStateForCausalLM(preset_config(size, "sh", "s4d", bst_layers=[],
                                                                    block_size=1 << 30))
     return models
@@ -27,7 +32,7 @@ def bench_models(size: str) -> dict[str, BlockStateForCausalLM]:
 
 @torch.no_grad()
 def measure(model: BlockStateForCausalLM, context: int, steps: int, repeats: int, device: torch.device,
-            chunk: int = 4096) -> dict[str, Any]:
+            chunk: int = 4096, static: bool = False) -> dict[str, Any]:
     model = model.to(device).eval()
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, context), device=device)
@@ -36,9 +41,11 @@ def measure(model: BlockStateForCausalLM, context: int, steps: int, repeats: int
     if model.config.bst_layers and context > chunk:
         chunk -= chunk % model.config.block_size
         for start in range(0, context, chunk):
-            cache = model(ids[:, start : start + chunk], cache=cache, use_cache=True).cache
+            last = start + chunk >= context
+            cache = model(ids[:, start : start + chunk], cache=cache, use_cache=True,
+                          static_cache=static and last).cache
     else:
-        cache = model(ids, use_cache=True).cache
+        cache = model(ids, use_cache=True, static_cache=static).cache
     token = torch.randint(0, vocab, (1, 1), device=device)
 
     def decode():
@@ -52,14 +59,14 @@ def measure(model: BlockStateForCausalLM, context: int, steps: int, repeats: int
 
 
 def run(contexts: list[int], size: str = "tiny", steps: int = 16, repeats: int = 3, device: str | None = None,
-        out_dir: Path = Path("benchmarks/results")) -> dict[str, Any]:
+        out_dir: Path = Path("benchmarks/results"), static: bool = False) -> dict[str, Any]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
-    models = bench_models(size)
+    models = bench_models(size, static)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
     for context in contexts:  # contexts outer, models inner: drift hits all models alike
         for name, model in models.items():
-            results[name].append(measure(model, context, steps, repeats, dev))
+            results[name].append(measure(model, context, steps, repeats, dev, static=name.endswith(STATIC)))
     payload = {"benchmark": "generation", "size": size, "machine": machine(), "steps": steps, "results": results}
     print_table(payload)
     write_json(out_dir / "generation.json", payload)
@@ -108,4 +115,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=16, help="decoding steps per timed run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
+    p.add_argument("--static", action="store_true",
+                   help="also BST:SH from a static cache (static_cache=True: a CUDA graph per token on CUDA)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
