@@ -353,7 +353,7 @@ class BlockAttention(nn.Module):
 
     def step_buffer(self, cache: LayerCache, like: torch.Tensor, position: torch.Tensor | None = None,
                     needed: int | None = None) -> torch.Tensor:
-        """The fused step's keys/values, (B, 2, H or 2H, cap, d): [keys; values] x [self heads; context heads].
+        """The fused step's keys/values, (2, B, H or 2H, cap, d): [keys; values] x [self heads; context heads].
         ``cache.keys`` / ``values`` / ``context_keys`` / ``context_values`` are views into it, so prefill, beam
         reordering and the parallel continuation read and write them as before; a cache whose tensors were replaced
         (``map_batch``) or outgrown is rebuilt from them. ``needed``: slots (default: from the host positions)."""
@@ -364,7 +364,7 @@ class BlockAttention(nn.Module):
         kv = None
         if held is not None and all(a is b for a, b in zip(fields, held[1])):
             kv = held[0]
-            if kv.shape[0] != bsz or kv.dtype != like.dtype or kv.device != like.device:
+            if kv.shape[1] != bsz or kv.dtype != like.dtype or kv.device != like.device:
                 kv = None
         cap = 0 if kv is None else kv.shape[3]
         if kv is not None and cap >= self.block_size:  # full: no host read
@@ -378,17 +378,17 @@ class BlockAttention(nn.Module):
         if self.block_size <= 4096:  # a real block: all W slots at once, so no later step reads the host
             capacity = self.block_size
         heads = self.num_heads * (2 if aligned else 1)
-        kv = like.new_zeros(bsz, 2, heads, capacity, self.head_dim)
-        views = [kv[:, 0, : self.num_heads], kv[:, 1, : self.num_heads]]
+        kv = like.new_zeros(2, bsz, heads, capacity, self.head_dim)
+        views = [kv[0, :, : self.num_heads], kv[1, :, : self.num_heads]]
         if aligned:
-            views += [kv[:, 0, self.num_heads :], kv[:, 1, self.num_heads :]]
+            views += [kv[0, :, self.num_heads :], kv[1, :, self.num_heads :]]
         for view, field in zip(views, fields):
             if field is not None:
                 view.narrow(2, 0, field.shape[2]).copy_(field)
         cache.keys, cache.values = views[:2]
         if aligned:
             cache.context_keys, cache.context_values = views[2:]
-        cache.step_kv = (kv, views, (kv[:, 0], kv[:, 1], kv.permute(0, 3, 1, 2, 4)))
+        cache.step_kv = (kv, views, (kv[0], kv[1], kv.permute(1, 3, 0, 2, 4)))
         return kv
 
     def _fused_step(self, h: torch.Tensor, cache: LayerCache, position: torch.Tensor,
@@ -424,6 +424,13 @@ class BlockAttention(nn.Module):
         else:
             mask = torch.zeros((), device=h.device).masked_fill(tables["slots"] > phase[:, None], float("-inf"))
             mask = mask.view(bsz, 1, 1, cap)
-        out = F.scaled_dot_product_attention(q.reshape(bsz, groups * heads, 1, d), keys, values,
-                                             attn_mask=mask.to(q.dtype))
+        q = q.reshape(bsz, groups * heads, 1, d)
+        if q.dtype is torch.float32 and not torch.is_autocast_enabled(q.device.type):
+            # one query: scores, softmax, sum as three batched products (SDPA's kernel costs more at this size)
+            n = bsz * groups * heads
+            mask = mask.expand(bsz, groups * heads, 1, cap).reshape(n, 1, cap) if bsz > 1 else mask.view(1, 1, cap)
+            scores = torch.baddbmm(mask, q.reshape(n, 1, d), keys.reshape(n, cap, d).transpose(1, 2), alpha=d**-0.5)
+            out = torch.bmm(torch.softmax(scores, -1), values.reshape(n, cap, d))
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.to(q.dtype))
         return F.linear(out.reshape(bsz, groups * heads * d), self.out.weight)

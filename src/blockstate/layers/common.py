@@ -22,7 +22,8 @@ class RMSNorm(nn.Module):
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` for a decoding step: fp32 through the one fused call (the same arithmetic), else forward."""
-        if x.dtype is torch.float32 and self.weight.dtype is torch.float32 and not self._forward_hooks:
+        if (x.dtype is torch.float32 and self.weight.dtype is torch.float32 and not self._forward_hooks
+                and not torch.is_autocast_enabled(x.device.type)):
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self(x)
 

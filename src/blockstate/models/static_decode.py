@@ -64,7 +64,6 @@ class StaticDecoder:
         device = cache.position.device
         self.use_graph = device.type == "cuda" if graph is None else bool(graph and device.type == "cuda")
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.steps = 0
         self._prepare()
 
     @torch.no_grad()
@@ -94,7 +93,7 @@ class StaticDecoder:
             self.fixed += [(layer_cache, name, getattr(layer_cache, name)) for name in names]
         self.tokens = torch.zeros(bsz, dtype=torch.long, device=like.device)
         self.logits: torch.Tensor | None = None
-        self.graph = None
+        self.graph, self.steps = None, 0  # a new capture warms up first (its lazily built tables too)
 
     def _bind(self) -> bool:
         """Point the cache at the fixed tensors again, copying in what replaced them (beam search); False when a
