@@ -240,9 +240,11 @@ class LongConvSSM(nn.Module):
 
     def tokens(self, u: torch.Tensor) -> torch.Tensor:
         """u (B, L, D) -> y (C, B, L, D) fp32: ``forward(u).permute(2, 0, 3, 1)``, made in that layout group by
-        group of channels (``fft_causal_conv_tokens``); S4D generates its kernels group by group too."""
+        group of channels (``fft_causal_conv_tokens``); an S4D bank of several filters per channel generates its
+        kernels group by group too (at once, a fixed cost per group of many small ops weighs more than the
+        cache: SH's training step at D = 256 made some 1,200 of them)."""
         length = u.shape[1]
-        if isinstance(self.kernel, S4DKernel):
+        if isinstance(self.kernel, S4DKernel) and self.filters > 1:  # SH's one (D, L) kernel: made at once
             def kernel(c0: int, c1: int) -> torch.Tensor:
                 return self.kernel(length, (c0, c1))
         else:
