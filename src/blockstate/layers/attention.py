@@ -99,6 +99,14 @@ class BlockAttention(nn.Module):
 
     def _sdpa(self, q, k, v, mask=None, causal=False) -> torch.Tensor:
         p = self.attention_dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+            # torch's CPU flash attention takes about twice as long forward+backward in bf16 as in fp32 (measured
+            # on AVX512-BF16, torch 2.13, W = 64-128): for training under autocast, attend in fp32 (more exact,
+            # too) and hand back bf16. GPUs keep their bf16 kernels; inference, which has no backward, too.
+            with torch.autocast(device_type="cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                     is_causal=causal, dropout_p=p)
+            return out.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
 
     def _rope(self, x: torch.Tensor, start: int, step: int = 1) -> torch.Tensor:
@@ -122,6 +130,26 @@ class BlockAttention(nn.Module):
             kv = self.kv_cross(ctx).unflatten(-1, (self.num_heads, 2 * self.head_dim))
         return kv.chunk(2, dim=-1)
 
+    def _context_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``context_keys_values`` for the parallel forward, with the norm folded into the projection:
+        RMSNorm(x) W = r * (x (g W)), r = 1 / rms(x) per state. Only r (one number per state) is made, not the
+        normed copy of the states: for MH that copy was (B, L, H, D), a pass each way over the largest tensor
+        of the layer. The same values up to rounding."""
+        norm = self.context_norm
+        with torch.autocast(device_type=ctx.device.type, enabled=False):
+            x32 = ctx.float()
+            r = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square().div_(ctx.shape[-1]).add_(norm.eps)
+            r = r.rsqrt_()
+        g = norm.weight.float()
+        if self.context_per_head:  # ctx (B, L, H, D), possibly a view of a head-major tensor
+            w = (self.kv_cross_heads.float() * g[:, None]).to(ctx.dtype)
+            kv = torch.einsum("blhd,hde->blhe", ctx, w)
+            kv = kv * r.to(kv.dtype)
+        else:
+            kv = F.linear(ctx, (self.kv_cross.weight.float() * g).to(ctx.dtype))
+            kv = (kv * r.to(kv.dtype)).unflatten(-1, (self.num_heads, 2 * self.head_dim))
+        return kv.chunk(2, dim=-1)
+
     # -- forward --------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -142,6 +170,8 @@ class BlockAttention(nn.Module):
             raise ValueError("past_kv needs attend_previous_block=True")
         w = self.effective_block_size(length, has_past)
         nb = num_blocks(length, w)
+        if self.context == "aligned" and not self.attend_previous_block and not return_kv:
+            return self._aligned_forward(h, context, w, nb)
         q, k, v = self.qkv(h).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
         new_kv = (k[:, -w:].transpose(1, 2), v[:, -w:].transpose(1, 2)) if return_kv else None
         q, k, v = self._heads(q, w), self._heads(k, w), self._heads(v, w)
@@ -166,7 +196,7 @@ class BlockAttention(nn.Module):
                 out = self._sdpa(q, k, v, causal=True)
         elif self.context == "aligned":
             q2 = self._heads(self.q_cross(h).unflatten(-1, (self.num_heads, self.head_dim)), w)
-            kc, vc = (self._heads(t, w) for t in self.context_keys_values(context))
+            kc, vc = (self._heads(t, w) for t in self._context_kv(context))
             if out is None:  # same causal mask: one call over 2H heads
                 out = self._sdpa(torch.cat([q, q2], 1), torch.cat([k, kc], 1), torch.cat([v, vc], 1), causal=True)
             else:
@@ -181,6 +211,24 @@ class BlockAttention(nn.Module):
         out = out.transpose(1, 2).flatten(2).unflatten(0, (bsz, nb))  # (B, nb, W, heads * d)
         out = self.dropout(self.out(from_blocks(out, length)))
         return (out, new_kv) if return_kv else out
+
+    def _aligned_forward(self, h: torch.Tensor, context: torch.Tensor, w: int, nb: int) -> torch.Tensor:
+        """``forward`` for aligned context states (BST SH / MH) without the previous block: the same result, in
+        fewer passes over memory. The second query is one matmul with q, k, v (their weights side by side);
+        self- and cross-attention run as two SDPA calls on views rather than one call on 2H heads concatenated
+        (three copies of (B * nb, 2H, W, d)), and their outputs, already token-major, meet in one concatenation
+        for the output projection."""
+        bsz, length, _ = h.shape
+        weight = torch.cat([self.qkv.weight, self.q_cross.weight])  # (4D, D): q, k, v, q_cross
+        q, k, v, q2 = (self._heads(t, w) for t in
+                       F.linear(h, weight).unflatten(-1, (4, self.num_heads, self.head_dim)).unbind(2))
+        q, k = self._rope(q, 0), self._rope(k, 0)
+        kc, vc = (self._heads(t, w) for t in self._context_kv(context))
+        a_self = self._sdpa(q, k, v, causal=True)  # (B * nb, H, W, d)
+        a_cross = self._sdpa(q2, kc.to(q2.dtype), vc.to(q2.dtype), causal=True)
+
+        out = torch.cat([a.transpose(1, 2).flatten(2) for a in (a_self, a_cross.to(a_self.dtype))], dim=-1)
+        return self.dropout(self.out(from_blocks(out.unflatten(0, (bsz, nb)), length)))
 
     # -- streaming: one token at a time ----------------------------------------------------------------------
     def _grow_block(self, cache: LayerCache, batch: int, needed: int, like: torch.Tensor) -> None:

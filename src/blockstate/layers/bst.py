@@ -72,6 +72,12 @@ class ContextStates(nn.Module):
             count = num_blocks(u.shape[1], self.block_size) - 1
             states = self.summaries(self.ssm.block_ends(u, self.block_size, count), None).to(u.dtype)
             return (states, self.ssm.mean_filter(u)) if stream else states
+        if cache is None:  # SH / MH: the SSM's output made in the layout the attention reads
+            y = self.ssm(u, tokens=True)  # (C, B, L, D) fp32
+            # sh: (B, L, D); mh: (B, L, H, D) as a view of the head-major (H, B, L, D) tensor, so the norm over D
+            # and the per-head projection (a batched matmul over heads) read it in place
+            states = (y[0] if self.variant == "sh" else y.permute(1, 2, 0, 3)).to(u.dtype)
+            return (states, y.mean(0)) if stream else states
         y = self.ssm(u, cache, start)  # (B, D, C, L), fp32
         # the SSM runs in fp32; its states meet the attention in the activations' dtype (a model cast to bf16)
         states = self._states(y, u, cache, lengths, start).to(u.dtype)

@@ -26,6 +26,8 @@ from blockstate.ops import (
     decay_rates,
     exponential_decay,
     fft_causal_conv,
+    fft_causal_conv_tokens,
+    fft_size,
     positional_features,
     s4d_block_ends,
     s4d_discretize,
@@ -35,6 +37,7 @@ from blockstate.ops import (
     s4d_state_response,
     squash_smooth,
 )
+from blockstate.ops.fftconv import channel_group
 
 
 def _tag_ssm(*params: nn.Parameter) -> None:
@@ -65,9 +68,13 @@ class S4DKernel(nn.Module):
         for name, value in values.items():
             init.copy_(getattr(self, name), value)
 
-    def forward(self, length: int) -> torch.Tensor:
-        k = s4d_kernel(self.log_dt, self.log_a_real, self.a_imag, self.c, length)
-        return k.view(self.channels, self.filters, length)
+    def forward(self, length: int, channels: tuple[int, int] | None = None) -> torch.Tensor:
+        """(D, C, length) kernels; ``channels=(c0, c1)``: only those channels', (c1 - c0, C, length), generated
+        alone (SSM d * C + f is filter f of channel d, so channels c0..c1-1 are one contiguous range of SSMs)."""
+        c0, c1 = channels if channels is not None else (0, self.channels)
+        rows = slice(c0 * self.filters, c1 * self.filters)
+        k = s4d_kernel(self.log_dt[rows], self.log_a_real[rows], self.a_imag[rows], self.c[rows], length)
+        return k.view(c1 - c0, self.filters, length)
 
 
 class _Sin(nn.Module):
@@ -212,10 +219,13 @@ class LongConvSSM(nn.Module):
 
         return super()._apply(keep_fp32, recurse)
 
-    def forward(self, u: torch.Tensor, carry=None, start: int = 0) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, carry=None, start: int = 0, tokens: bool = False) -> torch.Tensor:
         """u (B, L, D) -> y (B, D, C, L). With ``carry`` (a LayerCache that has read ``start`` earlier tokens of
         every row), continue that stream: S4D adds the carried state's response, other kernels convolve over the
-        kept history too. Exact: equal to one pass over the whole stream."""
+        kept history too. Exact: equal to one pass over the whole stream. ``tokens=True`` (no carry): the same
+        y in the token-major layout (C, B, L, D), see ``tokens``."""
+        if tokens:
+            return self.tokens(u)
         length = u.shape[1]
         if carry is None or start == 0:
             return fft_causal_conv(u.transpose(1, 2), self.kernel(length), self.skip)
@@ -226,6 +236,19 @@ class LongConvSSM(nn.Module):
             return y + response.view(u.shape[0], self.channels, self.filters, length)
         whole = torch.cat([carry.history[..., :start], u.transpose(1, 2).float()], dim=-1)
         return fft_causal_conv(whole, self.kernel(whole.shape[-1]), self.skip)[..., start:]
+
+    def tokens(self, u: torch.Tensor) -> torch.Tensor:
+        """u (B, L, D) -> y (C, B, L, D) fp32: ``forward(u).permute(2, 0, 3, 1)``, made in that layout group by
+        group of channels (``fft_causal_conv_tokens``); an S4D bank of several filters per channel generates its
+        kernels group by group too (at once, a fixed cost per group of many small ops weighs more than the
+        cache: SH's training step at D = 256 made some 1,200 of them)."""
+        length = u.shape[1]
+        if isinstance(self.kernel, S4DKernel) and self.filters > 1:  # SH's one (D, L) kernel: made at once
+            def kernel(c0: int, c1: int) -> torch.Tensor:
+                return self.kernel(length, (c0, c1))
+        else:
+            kernel = self.kernel(length)
+        return fft_causal_conv_tokens(u, kernel, self.skip, channel_group(self.filters, fft_size(length)))
 
     def mean_filter(self, u: torch.Tensor) -> torch.Tensor:
         """u (B, L, D) -> the output averaged over the C filters, (B, L, D) fp32, as one convolution with the

@@ -1,7 +1,7 @@
 """Pure functions: each fast path with a readable reference beside it (the test oracle)."""
 
 from blockstate.ops.dss import dss_as_s4d, dss_init, dss_kernel, dss_kernel_reference
-from blockstate.ops.fftconv import causal_conv_reference, fft_causal_conv, fft_size
+from blockstate.ops.fftconv import causal_conv_reference, fft_causal_conv, fft_causal_conv_tokens, fft_size
 from blockstate.ops.implicit import decay_rates, exponential_decay, positional_features, squash_smooth
 from blockstate.ops.s4d import (
     s4d_block_ends,
@@ -24,6 +24,7 @@ __all__ = [
     "dss_kernel_reference",
     "exponential_decay",
     "fft_causal_conv",
+    "fft_causal_conv_tokens",
     "fft_size",
     "positional_features",
     "s4d_block_ends",

@@ -9,9 +9,14 @@ Shapes (channels first, time last, so every FFT runs along the contiguous last a
 Users distrust FFT causality with reason: padding to fewer than 2L points wraps the future into the past.
 ``fft_causal_conv`` pads to a power of two >= 2L, so the circular convolution equals the linear one on the
 first L outputs, and ``causal_conv_reference`` is the oracle the tests compare against.
+
+``fft_causal_conv_tokens`` is the same convolution for the layers' token-major layout, u (B, L, D) in and
+(C, B, L, D) out, run over groups of channels so that each group's FFTs, product and transposes stay in cache.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,3 +72,51 @@ def causal_conv_reference(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor |
     if skip is not None:
         y = y + skip.float().unsqueeze(-1) * u32.unsqueeze(-2)
     return y.squeeze(-2) if squeeze else y
+
+
+def channel_group(filters: int, n: int) -> int:
+    """Channels per group for ``fft_causal_conv_tokens`` with ``filters`` per channel and FFT size n: about 2^20
+    spectrum points per group (a few MiB: the group's kernels, spectra and outputs stay in cache), but at least
+    4 channels, so the transposes into the token-major output move 16 contiguous bytes at a time, at most 32."""
+    return max(4, min(32, (1 << 20) // (filters * n)))
+
+
+def fft_causal_conv_tokens(
+    u: torch.Tensor, kernel: torch.Tensor | Callable[[int, int], torch.Tensor], skip: torch.Tensor | None = None,
+    group: int | None = None,
+) -> torch.Tensor:
+    """``fft_causal_conv`` in the token-major layout: u (B, L, D) -> y (C, B, L, D) fp32, contiguous, equal to
+    ``fft_causal_conv(u.transpose(1, 2), k, skip).permute(2, 0, 3, 1)``.
+
+    ``kernel`` is the (D, C, Lk) bank (or (D, Lk)), or a function ``(c0, c1) -> (c1 - c0, C, Lk)`` giving the
+    filters of channels c0..c1-1, so a generated kernel is made group by group too. The whole-tensor form made
+    (B, D, C, n) spectra and padded outputs far larger than the cache (at 16k, D = 512, every pass over them
+    went to memory) and then transposed the (B, D, C, L) result for the layers; here every group of ``group``
+    channels goes through its rfft, product and irfft while it is in cache, and lands in the output's layout.
+    """
+    length, channels = u.shape[1], u.shape[2]
+    n = fft_size(length)
+    if group is None:  # a kernel function's filter count is not known here: assume one per channel
+        group = channel_group(kernel.shape[1] if not callable(kernel) and kernel.dim() == 3 else 1, n)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        pieces, out = [], None
+        for c0 in range(0, channels, group):
+            c1 = min(channels, c0 + group)
+            k = kernel(c0, c1) if callable(kernel) else kernel[c0:c1]
+            k = k.unsqueeze(1) if k.dim() == 2 else k  # (c, C, Lk)
+            k32 = F.pad(_fit_kernel(k.float(), length), (0, n - length))
+            if skip is not None:  # skip * u as tap 0 of the kernel, as in fft_causal_conv
+                s = skip[c0:c1].float()
+                k32[..., 0] += s.unsqueeze(-1) if s.dim() == 1 else s
+            u_f = torch.fft.rfft(u[:, :, c0:c1].float().transpose(1, 2).contiguous(), n=n)  # (B, c, n/2+1)
+            y = torch.fft.irfft(u_f.unsqueeze(-2) * torch.fft.rfft(k32), n=n)[..., :length]  # (B, c, C, L)
+            y = y.permute(2, 0, 3, 1)  # (C, B, L, c)
+            if torch.is_grad_enabled():  # autograd: one cat at the end
+                pieces.append(y)
+                continue
+            if out is None:  # no graph to keep: write each group in place, one pass less over the output
+                out = y.new_empty(y.shape[:-1] + (channels,))
+            out[..., c0:c1] = y
+        if out is not None:
+            return out
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0].contiguous()
