@@ -7,10 +7,9 @@
 - ``ImplicitKernel`` unstructured, Hyena-style implicit filter with t in units of the training length;
 - ``ExplicitKernel`` unstructured, a free kernel regularised by smooth-then-squash (Fu et al. 2023).
 
-Every kernel parameter is created in fp32, stays fp32 when the model is cast to bf16 / fp16 (``LongConvSSM._apply``)
-and is used in fp32 with autocast off whatever its dtype; outputs are fp32, and callers cast them to their
-activations' dtype. Parameters tagged ``_ssm = True`` get the lower learning rate and no weight decay (see
-``blockstate.models.parameter_groups``).
+Kernel parameters are fp32, stay fp32 when the model is cast to bf16 / fp16 (``LongConvSSM._apply``) and are
+used in fp32 with autocast off; outputs are fp32 (callers cast them). Parameters tagged ``_ssm = True`` get the
+lower learning rate and no weight decay (``blockstate.models.parameter_groups``).
 """
 
 from __future__ import annotations

@@ -7,18 +7,17 @@ and padded segments weigh by their real tokens.
 
 Numerics: gradients are clipped to ``grad_clip`` (global norm), and a step whose loss or gradient norm is not
 finite (on any rank) is skipped: no optimiser update, a warning, a ``skip`` line in ``metrics.jsonl`` and a
-count in the trainer state and the final summary. ``max_skipped_steps`` in a row stop the run with an error
-(the weights are still those of the last good step, and earlier checkpoints are intact).
+count in the trainer state and summary. ``max_skipped_steps`` in a row stop the run with an error
+(the weights are those of the last good step; earlier checkpoints are intact).
 
 Resumability: the schedule is a function of the step, the data loader position is a few integers, and the
-optimiser / RNG states are saved exactly, so on CPU a resumed run reproduces the uninterrupted run's losses.
+optimiser / RNG states are saved exactly: on CPU a resumed run reproduces the uninterrupted run's losses.
 With a time budget and no ``--steps`` the cosine follows training *time* instead (progress = time spent /
 budget), which always ends the schedule on time but is not bit-reproducible.
 
-Shape (as torchtitan's): ``Trainer.run`` = ``setup`` (directory, data, model, optimiser, resume; ``setup.py``) ->
-``train`` (``train_step`` per optimiser step, then metrics, validation, checkpoints) -> ``finish``. The loop's
-state is a ``TrainState`` (``state.py``), its checkpoints a ``CheckpointManager`` (``checkpointing.py``).
-``train_step`` is a function of ``StepParts`` and a state: ``blockstate bench train`` times this very step.
+Shape (torchtitan's): ``Trainer.run`` = ``setup`` (``setup.py``) -> ``train`` (``train_step`` per step, then
+metrics, validation, checkpoints) -> ``finish``, over a ``TrainState`` (``state.py``) and a
+``CheckpointManager`` (``checkpointing.py``). ``blockstate bench train`` times this very ``train_step``.
 """
 
 from __future__ import annotations
