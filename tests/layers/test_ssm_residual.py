@@ -17,10 +17,12 @@ LENGTH = 45
 
 
 MODES = ["gated", "ffn"]
+LAYERS = ["bst", "all"]  # ssm_residual_layers: the BST layers only, or every layer (SSMStreamLayer between them)
 
 
-def build(variant, kernel, mode="gated", **overrides):
-    return BlockStateForCausalLM(small_config(variant, kernel, ssm_residual=mode, **overrides)).eval()
+def build(variant, kernel, mode="gated", layers="bst", **overrides):
+    config = small_config(variant, kernel, ssm_residual=mode, ssm_residual_layers=layers, **overrides)
+    return BlockStateForCausalLM(config).eval()
 
 
 def test_only_bst_layers_get_the_branch_and_none_is_the_paper_layer():
@@ -37,15 +39,29 @@ def test_only_bst_layers_get_the_branch_and_none_is_the_paper_layer():
     assert [i for i, layer in enumerate(glu.model.layers) if layer.ssm_ffn] == glu.config.bst_layers
 
 
+def test_every_layer_gets_an_ssm_and_only_bst_layers_cross_attend():
+    model = build("mf", "s4d", "ffn", "all")
+    assert [i for i, layer in enumerate(model.model.layers) if layer.ssm_ffn] == list(range(len(model.model.layers)))
+    cross = [i for i, layer in enumerate(model.model.layers) if layer.attention.context is not None]
+    assert cross == model.config.bst_layers and len(cross) < len(model.model.layers)
+    plain = [layer for i, layer in enumerate(model.model.layers) if i not in cross]
+    assert all(layer.context.variant == "sh" and layer.context.ssm.filters == 1 for layer in plain)
+
+
 def test_invalid_value_is_refused():
     with pytest.raises(ValueError, match="ssm_residual must be one of"):
         small_config(ssm_residual="add")
+    with pytest.raises(ValueError, match="ssm_residual_layers must be one of"):
+        small_config(ssm_residual="ffn", ssm_residual_layers="some")
+    with pytest.raises(ValueError, match='ssm_residual_layers="all" needs ssm_residual'):
+        small_config(ssm_residual_layers="all")
 
 
+@pytest.mark.parametrize("layers", LAYERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)
-def test_branch_changes_the_output_and_is_causal(variant, kernel, mode):
-    model = build(variant, kernel, mode)
+def test_branch_changes_the_output_and_is_causal(variant, kernel, mode, layers):
+    model = build(variant, kernel, mode, layers)
     ids = torch.randint(0, 61, (1, 40))
     with torch.no_grad():
         ref = model(ids).logits
@@ -56,7 +72,7 @@ def test_branch_changes_the_output_and_is_causal(variant, kernel, mode):
                 layer.ffn.expand.weight.mul_(0)
         without = model(ids).logits
     assert (ref - without).abs().max() > 1e-4  # the branch is live
-    model = build(variant, kernel, mode)
+    model = build(variant, kernel, mode, layers)
     changed = ids.clone()
     changed[0, 30] = (changed[0, 30] + 1) % 61
     with torch.no_grad():
@@ -65,10 +81,11 @@ def test_branch_changes_the_output_and_is_causal(variant, kernel, mode):
     assert (a[:, 31:] - b[:, 31:]).abs().amax(-1).min() > 1e-5  # and every later position does
 
 
+@pytest.mark.parametrize("layers", LAYERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)
-def test_streaming_equals_parallel(variant, kernel, mode):
-    model = build(variant, kernel, mode)
+def test_streaming_equals_parallel(variant, kernel, mode, layers):
+    model = build(variant, kernel, mode, layers)
     ids = torch.randint(0, 61, (2, LENGTH))
     with torch.no_grad():
         ref = model(ids).logits
@@ -82,10 +99,11 @@ def test_streaming_equals_parallel(variant, kernel, mode):
         assert (second.logits - ref[:, 16:40]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("layers", LAYERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", ["sh", "mh", "mf"])
-def test_gradients_reach_every_parameter(variant, mode):
-    model = build(variant, "s4d", mode).train()
+def test_gradients_reach_every_parameter(variant, mode, layers):
+    model = build(variant, "s4d", mode, layers).train()
     ids = torch.randint(0, 61, (2, 40))
     model(ids, labels=ids).loss.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]

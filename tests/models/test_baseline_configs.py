@@ -13,7 +13,7 @@ from blockstate.cli.main import main
 from blockstate.models import BlockStateConfig, BlockTransformerConfig, GatedStateSpaceConfig
 from blockstate.registry import create_model, known_fields, list_models, model_config
 
-BST_ONLY = {"variant", "kernel", "num_context_states", "ssm_residual"}
+BST_ONLY = {"variant", "kernel", "num_context_states", "ssm_residual", "ssm_residual_layers"}
 KERNEL_SETTINGS = {"ssm_state_size", "s4d_init", "ssm_dt_min", "ssm_dt_max", "filter_hidden_size", "filter_num_bands"}
 SHARED = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "block_size",
           "max_train_length", "hidden_dropout", "attention_dropout", "position_encoding", "attend_previous_block"}

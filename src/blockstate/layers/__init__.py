@@ -1,7 +1,7 @@
 """nn.Modules: block attention, SSM kernels, the BST layer and the plain Block Transformer layer."""
 
 from blockstate.layers.attention import BlockAttention, previous_block_mask
-from blockstate.layers.bst import VARIANTS, BlockTransformerLayer, BSTLayer, ContextStates
+from blockstate.layers.bst import VARIANTS, BlockTransformerLayer, BSTLayer, ContextStates, SSMStreamLayer
 from blockstate.layers.common import FeedForward, RMSNorm
 from blockstate.layers.ssm import KERNELS, ExplicitKernel, ImplicitKernel, LongConvSSM, S4DKernel, make_kernel
 
@@ -9,6 +9,7 @@ __all__ = [
     "KERNELS",
     "VARIANTS",
     "BSTLayer",
+    "SSMStreamLayer",
     "BlockAttention",
     "BlockTransformerLayer",
     "ContextStates",

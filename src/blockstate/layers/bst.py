@@ -43,13 +43,14 @@ class ContextStates(nn.Module):
       block axis), a learned initial context for block 0, plus learned context IDs (the S states have no order).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, variant: str | None = None):
         super().__init__()
-        if config.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {list(VARIANTS)}, got {config.variant!r}")
-        self.variant, self.block_size = config.variant, config.block_size
+        variant = variant or config.variant  # SSMStreamLayer asks for "sh": one filter, no context states
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+        self.variant, self.block_size = variant, config.block_size
         dim = config.hidden_size
-        filters = {"sh": 1, "mh": config.num_attention_heads, "mf": config.num_context_states}[config.variant]
+        filters = {"sh": 1, "mh": config.num_attention_heads, "mf": config.num_context_states}[variant]
         self.ssm = LongConvSSM(dim, filters, kernel_from_config(config, config.kernel, dim, filters))
         if self.variant == "mf":
             self.initial_context = nn.Parameter(torch.empty(filters, dim))
@@ -202,6 +203,8 @@ class BlockTransformerLayer(nn.Module):
             context, stream = self.context(u, cache, lengths, start, stream=True)
         elif self.context is not None:
             context = self.context(u, cache, lengths, start)
+        if self.attention.context is None:  # an SSMStreamLayer's SSM feeds the stream only
+            context = None
         past = None
         if start > 0 and self.attention.attend_previous_block:  # at a block start "current" is the last block
             past = self.attention.block_past(cache)
@@ -221,6 +224,8 @@ class BlockTransformerLayer(nn.Module):
             context, stream = self.context.step(u, cache, position, stream=True)
         elif self.context is not None:
             context = self.context.step(u, cache, position)
+        if self.attention.context is None:
+            context = None
         x = x + self.attention.step(u, cache, position, context)
         if self.ssm_residual is not None:
             x = x + self.ssm_residual(u, stream)
@@ -244,9 +249,27 @@ class BSTLayer(BlockTransformerLayer):
         layout = "states" if config.variant == "mf" else "aligned"
         super().__init__(config, context=layout, context_per_head=config.variant == "mh")
         self.context = ContextStates(config)
-        if config.ssm_residual == "gated":
-            self.ssm_residual = GatedSSMResidual(config.hidden_size, config.hidden_dropout)
-        elif config.ssm_residual == "ffn":
-            self.ssm_ffn = True
-            self.ffn = SSMGatedFeedForward(config.hidden_size, config.intermediate_size, config.hidden_dropout)
-            self.ffn.down._residual_output = True
+        attach_ssm_residual(self, config)
+
+
+class SSMStreamLayer(BlockTransformerLayer):
+    """Beyond the paper (``ssm_residual_layers="all"``): a layer between BST layers that has an SSM of its own
+    (one filter per channel, the config's kernel) whose output reaches the stream as ``ssm_residual`` says, and
+    no context states or cross-attention. Why: GSS-Hybrid puts an SSM into the stream in 5 of its 6 layers, the
+    tuned BST only in its BST layers; this gives every layer one at the price of a third FFN matrix, not of a
+    cross-attention (see "Long context on books" in the README)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.context = ContextStates(config, variant="sh")
+        attach_ssm_residual(self, config)
+
+
+def attach_ssm_residual(layer: BlockTransformerLayer, config) -> None:
+    """Give ``layer`` the branch by which its SSM output reaches the stream (``config.ssm_residual``)."""
+    if config.ssm_residual == "gated":
+        layer.ssm_residual = GatedSSMResidual(config.hidden_size, config.hidden_dropout)
+    elif config.ssm_residual == "ffn":
+        layer.ssm_ffn = True
+        layer.ffn = SSMGatedFeedForward(config.hidden_size, config.intermediate_size, config.hidden_dropout)
+        layer.ffn.down._residual_output = True

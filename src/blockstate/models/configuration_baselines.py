@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-from blockstate.layers.gss import GSS_KERNELS
 from blockstate.models.configuration_blockstate import LAYER_COLLECTIONS, BlockLMConfig, SSMKernelConfig
 
 # A block size no sequence reaches: BlockAttention then runs one block of the sequence's own length, which is
@@ -118,41 +117,23 @@ class BlockRecurrentConfig(BlockTransformerConfig):
 class GatedStateSpaceConfig(SSMKernelConfig):
     """GSS-Hybrid (Mehta et al. 2022): gated state space layers, a block-attention layer every few layers.
 
-    Args (beyond ``SSMKernelConfig``, whose ``s4d_init`` and ``ssm_dt_*`` also initialise the DSS kernel;
-    ``intermediate_size`` is the FFN of the attention layers):
-        gss_hidden_size: width F of the gated (wide) branch, default 4 * hidden_size (the paper's F = 4096 at
-            E = 1024; the registry's presets tune it to the parameter budget).
-        gss_narrow_size: width H of the narrow branch that runs the SSM, default hidden_size // 4 (the paper's 256).
-        gss_kernel: the narrow branch's SSM: ``"dss"`` (the paper's DSS-EXP, ``blockstate.ops.dss``) or one of the
-            project's kernels ``"s4d"`` / ``"unstructured"`` / ``"explicit"`` (with ``ssm_state_size`` etc.).
-        gss_state_size: complex modes N of the DSS kernel, shared by the narrow channels (default 512).
+    Args (beyond ``SSMKernelConfig``, which declares the GSS layer's ``gss_*`` widths and kernel and whose
+    ``s4d_init`` and ``ssm_dt_*`` also initialise the DSS kernel; ``intermediate_size`` is the FFN of the attention
+    layers; the registry's presets tune ``gss_hidden_size`` and the depth to the parameter budget):
         attention_layers: indices of the block-attention Transformer layers; default every fourth layer (3, 7, ...).
     """
 
     model_type = "gss_hybrid"
 
-    def __init__(self, gss_hidden_size: int | None = None, gss_narrow_size: int | None = None,
-                 attention_layers: list[int] | None = None, gss_kernel: str = "dss", gss_state_size: int = 512,
-                 **kwargs):
+    def __init__(self, attention_layers: list[int] | None = None, **kwargs):
         _no_bst_layers(kwargs.pop("bst_layers", None))  # not a field here: refused, or dropped from an old config.json
-        hidden, layers = kwargs.get("hidden_size", 256), kwargs.get("num_hidden_layers", 4)
-        if not isinstance(hidden, int):  # validate_fields names hidden_size / num_hidden_layers
-            hidden = 1
-        if not isinstance(layers, int):
+        layers = kwargs.get("num_hidden_layers", 4)
+        if not isinstance(layers, int):  # validate_fields names num_hidden_layers
             layers = 0
-        self.gss_hidden_size = 4 * hidden if gss_hidden_size is None else gss_hidden_size
-        self.gss_narrow_size = max(1, hidden // 4) if gss_narrow_size is None else gss_narrow_size
         self.attention_layers = ([i for i in range(layers) if i % 4 == 3] if attention_layers is None
                                  else _as_list(attention_layers))
-        self.gss_kernel, self.gss_state_size = gss_kernel, gss_state_size
         super().__init__(**kwargs)
 
     def validate_fields(self) -> None:
         super().validate_fields()
-        if self.gss_kernel not in GSS_KERNELS:
-            raise ValueError(f"gss_kernel must be one of {list(GSS_KERNELS)}, got {self.gss_kernel!r}")
-        for name in ("gss_hidden_size", "gss_narrow_size", "gss_state_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.attention_layers = _layer_indices("attention_layers", self.attention_layers, self.num_hidden_layers)

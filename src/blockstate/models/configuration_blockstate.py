@@ -16,12 +16,15 @@ import math
 from transformers import PretrainedConfig
 
 from blockstate.layers.bst import VARIANTS
+from blockstate.layers.gss import GSS_KERNELS
 from blockstate.layers.ssm import KERNELS
 
 POSITION_ENCODINGS = ("rope", "none")
 PREVIOUS_BLOCK = ("window", "full")
 S4D_INITS = ("lin", "inv")
 SSM_RESIDUALS = ("none", "gated", "ffn")
+SSM_RESIDUAL_LAYERS = ("bst", "all")
+PLAIN_LAYERS = ("block", "gss")
 LAYER_COLLECTIONS = (list, tuple, range, set, frozenset)
 
 
@@ -152,10 +155,22 @@ class SSMKernelConfig(BlockLMConfig):
         s4d_init: ``"lin"`` or ``"inv"`` (S4D's initialisations of A; the DSS kernel's too).
         ssm_dt_min / ssm_dt_max: range of the initial step sizes dt (log-uniform).
         filter_hidden_size / filter_num_bands: the implicit (unstructured) filter's MLP width and frequencies.
+        gss_hidden_size / gss_narrow_size / gss_kernel / gss_state_size: the gated state space layer's widths and
+            kernel (``blockstate.layers.gss``), read by GSS-Hybrid and by BST with ``plain_layers="gss"``:
+            the wide branch F (default 4 * hidden_size), the narrow branch H that runs the SSM (default
+            hidden_size // 4), its kernel (``"dss"``, the GSS paper's DSS-EXP, or ``"s4d"`` / ``"unstructured"``
+            / ``"explicit"``) and the DSS kernel's complex modes N shared by the narrow channels (default 512).
     """
 
     def __init__(self, ssm_state_size: int = 16, s4d_init: str = "lin", ssm_dt_min: float = 1e-3,
-                 ssm_dt_max: float = 1e-1, filter_hidden_size: int = 64, filter_num_bands: int = 16, **kwargs):
+                 ssm_dt_max: float = 1e-1, filter_hidden_size: int = 64, filter_num_bands: int = 16,
+                 gss_hidden_size: int | None = None, gss_narrow_size: int | None = None, gss_kernel: str = "dss",
+                 gss_state_size: int = 512, **kwargs):
+        hidden = kwargs.get("hidden_size", 256)
+        hidden = hidden if isinstance(hidden, int) else 1  # validate_fields names a bad hidden_size
+        self.gss_hidden_size = 4 * hidden if gss_hidden_size is None else gss_hidden_size
+        self.gss_narrow_size = max(1, hidden // 4) if gss_narrow_size is None else gss_narrow_size
+        self.gss_kernel, self.gss_state_size = gss_kernel, gss_state_size
         self.ssm_state_size = ssm_state_size
         self.s4d_init = s4d_init
         self.ssm_dt_min = ssm_dt_min
@@ -168,6 +183,12 @@ class SSMKernelConfig(BlockLMConfig):
         super().validate_fields()
         self.positive("ssm_state_size", "filter_hidden_size", "filter_num_bands")
         self.choose({"s4d_init": S4D_INITS})
+        if self.gss_kernel not in GSS_KERNELS:
+            raise ValueError(f"gss_kernel must be one of {list(GSS_KERNELS)}, got {self.gss_kernel!r}")
+        for name in ("gss_hidden_size", "gss_narrow_size", "gss_state_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.ssm_state_size % 2:
             raise ValueError(f"ssm_state_size must be even (N/2 conjugate-pair modes), got {self.ssm_state_size}")
         for name in ("ssm_dt_min", "ssm_dt_max"):
@@ -193,12 +214,18 @@ class BlockStateConfig(SSMKernelConfig):
             ``"gated"``: each BST layer also adds W_o(GELU(W_g u) * y) to the residual stream, y the SSM output
             averaged over its filters, as gated state-space layers do; ``"ffn"``: each BST layer's FFN becomes a
             GLU whose gate is the SSM output (see ``blockstate.layers.bst``).
+        ssm_residual_layers: with ``ssm_residual``, ``"bst"``: only the BST layers; ``"all"``: the other layers
+            too, each with an SSM of its own that feeds only the stream (no context states; beyond the paper).
+        plain_layers: the layers that are not BST layers: ``"block"``, Block Transformer layers (the paper);
+            ``"gss"``, gated state space layers (``gss_*`` fields; beyond the paper: GSS-Hybrid's stack with its
+            attention layers made BST layers).
     """
 
     model_type = "blockstate"
 
     def __init__(self, variant: str = "sh", kernel: str = "s4d", bst_layers: list[int] | None = None,
-                 num_context_states: int = 32, ssm_residual: str = "none", **kwargs):
+                 num_context_states: int = 32, ssm_residual: str = "none", ssm_residual_layers: str = "bst",
+                 plain_layers: str = "block", **kwargs):
         self.variant = variant
         self.kernel = kernel
         if bst_layers is None:  # a bad num_hidden_layers is reported by validate_fields
@@ -208,12 +235,21 @@ class BlockStateConfig(SSMKernelConfig):
         self.bst_layers = list(bst_layers) if isinstance(bst_layers, LAYER_COLLECTIONS) else bst_layers
         self.num_context_states = num_context_states
         self.ssm_residual = ssm_residual
+        self.ssm_residual_layers = ssm_residual_layers
+        self.plain_layers = plain_layers
         super().__init__(**kwargs)
 
     def validate_fields(self) -> None:
         super().validate_fields()
         self.positive("num_context_states")
-        self.choose({"variant": VARIANTS, "kernel": KERNELS, "ssm_residual": SSM_RESIDUALS})
+        self.choose({"variant": VARIANTS, "kernel": KERNELS, "ssm_residual": SSM_RESIDUALS,
+                     "ssm_residual_layers": SSM_RESIDUAL_LAYERS, "plain_layers": PLAIN_LAYERS})
+        if self.ssm_residual_layers == "all" and self.plain_layers == "gss":
+            raise ValueError('ssm_residual_layers="all" gives Block Transformer layers an SSM; with '
+                             'plain_layers="gss" the plain layers already are SSM layers: use one of the two')
+        if self.ssm_residual_layers == "all" and self.ssm_residual == "none":
+            raise ValueError('ssm_residual_layers="all" needs ssm_residual "gated" or "ffn" (the branch by which '
+                             "each layer's SSM reaches the stream)")
         if not isinstance(self.bst_layers, list):
             raise ValueError(f"bst_layers must be a list of layer indices, got {self.bst_layers!r}")
         bad = [i for i in self.bst_layers if isinstance(i, bool) or not isinstance(i, int)

@@ -17,8 +17,9 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
-from blockstate.layers import BlockTransformerLayer, BSTLayer, RMSNorm
+from blockstate.layers import BlockTransformerLayer, BSTLayer, RMSNorm, SSMStreamLayer
 from blockstate.layers.cache import BlockStateCache, gather_positions, no_grad_step
+from blockstate.layers.gss import GatedStateSpaceLayer
 from blockstate.layers.recurrent import BlockRecurrentLayer
 from blockstate.models.common import (
     BlockStateCausalLMOutput,
@@ -36,7 +37,7 @@ class BlockStatePreTrainedModel(PreTrainedModel):
     config: BlockStateConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True  # every layer loop goes through run_layer
-    _no_split_modules = ["BSTLayer", "BlockTransformerLayer"]
+    _no_split_modules = ["BSTLayer", "BlockTransformerLayer", "SSMStreamLayer", "GatedStateSpaceLayer"]
     # from_pretrained(dtype=bf16 / fp16) loads the SSM parameters (every module named ``ssm``) in fp32, as
     # ``model.to(dtype)`` keeps them (LongConvSSM._apply): the kernels lose their long tails in half precision
     _keep_in_fp32_modules_strict = ["ssm"]
@@ -146,11 +147,17 @@ class BlockStateModel(TokenEmbeddingAccessors, BlockStatePreTrainedModel):
 
 def build_layer(config: BlockStateConfig, index: int) -> nn.Module:
     """The layout is config data: ``bst_layers`` are BST layers, ``recurrent_layers`` (the Block-Recurrent
-    baseline) walk their blocks in sequence, the rest are plain Block Transformer layers."""
+    baseline) walk their blocks in sequence, the rest are plain Block Transformer layers (with
+    ``ssm_residual_layers="all"``, each with an SSM of its own feeding the stream; with ``plain_layers="gss"``,
+    gated state space layers)."""
     if index in getattr(config, "recurrent_layers", ()):
         return BlockRecurrentLayer(config)
     if index in config.bst_layers:
         return BSTLayer(config)
+    if getattr(config, "plain_layers", "block") == "gss":
+        return GatedStateSpaceLayer(config)
+    if getattr(config, "ssm_residual_layers", "bst") == "all":
+        return SSMStreamLayer(config)
     return BlockTransformerLayer(config)
 
 
