@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -63,7 +64,7 @@ def plot(curves: dict[str, dict], path: Path, title: str) -> None:
                 linestyle="-" if name.startswith("bst") else "--", label=f"{name} (lr {c['lr']})")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("validation bits per byte")
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

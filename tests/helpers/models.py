@@ -60,3 +60,17 @@ def small_config(variant: str = "sh", kernel: str = "s4d", **overrides) -> Block
 def decode_all(model, ids: torch.Tensor, cache) -> torch.Tensor:
     """Logits of ``ids`` fed one token at a time through ``cache``."""
     return torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])], dim=1)
+
+
+def assert_streams_like_parallel(model, length: int = 45, prefill: int = 13, block: int = 8) -> None:
+    """Prefill then token-by-token decoding, and a block-aligned continuation run in parallel from a cache, each
+    equal to the parallel forward of the whole sequence (``block``: the model's W)."""
+    ids = torch.randint(0, VOCAB, (2, length))
+    with torch.no_grad():
+        ref = model(ids).logits
+        pre = model(ids[:, :prefill], use_cache=True)
+        assert (pre.logits - ref[:, :prefill]).abs().max() < 1e-4
+        assert (decode_all(model, ids[:, prefill:], pre.cache) - ref[:, prefill:]).abs().max() < 1e-4
+        first = model(ids[:, : 2 * block], use_cache=True)
+        second = model(ids[:, 2 * block : 5 * block], cache=first.cache)
+        assert (second.logits - ref[:, 2 * block : 5 * block]).abs().max() < 1e-4

@@ -7,13 +7,12 @@ parallel (token by token, prefill then decode, block-aligned continuation), grad
 
 import pytest
 import torch
-from helpers.models import live_gss_branch, small_config
+from helpers.models import assert_streams_like_parallel, live_gss_branch, small_config
 
 from blockstate import BlockStateForCausalLM
 from blockstate.layers import BSTLayer
 from blockstate.layers.gss import GatedStateSpaceLayer
 
-LENGTH = 45
 GSS = dict(plain_layers="gss", num_hidden_layers=4, bst_layers=[1, 3], gss_hidden_size=48, gss_narrow_size=8,
            gss_state_size=16)
 CASES = [("sh", "none"), ("sh", "ffn"), ("mh", "none"), ("mf", "none"), ("mf", "ffn")]
@@ -58,16 +57,7 @@ def test_causal_and_every_later_position_moves(variant, residual):
 @pytest.mark.parametrize("variant,residual", CASES)
 def test_streaming_equals_parallel(variant, residual):
     model = build(variant, residual)
-    ids = torch.randint(0, 61, (2, LENGTH))
-    with torch.no_grad():
-        ref = model(ids).logits
-        pre = model(ids[:, :13], use_cache=True)
-        steps = [model(ids[:, t : t + 1], cache=pre.cache).logits for t in range(13, LENGTH)]
-        assert (pre.logits - ref[:, :13]).abs().max() < 1e-4
-        assert (torch.cat(steps, 1) - ref[:, 13:]).abs().max() < 1e-4
-        first = model(ids[:, :16], use_cache=True)  # a block-aligned continuation, in parallel
-        second = model(ids[:, 16:40], cache=first.cache)
-        assert (second.logits - ref[:, 16:40]).abs().max() < 1e-4
+    assert_streams_like_parallel(model)
 
 
 @pytest.mark.parametrize("variant,residual", CASES)

@@ -7,14 +7,11 @@ layer exactly (no extra parameter, same function).
 
 import pytest
 import torch
-from helpers.models import VARIANT_KERNELS, small_config
+from helpers.models import VARIANT_KERNELS, assert_streams_like_parallel, small_config
 
 from blockstate import BlockStateForCausalLM
 from blockstate.layers.bst import GatedSSMResidual
 from blockstate.ops import fft_causal_conv
-
-LENGTH = 45
-
 
 MODES = ["gated", "ffn"]
 LAYERS = ["bst", "all"]  # ssm_residual_layers: the BST layers only, or every layer (SSMStreamLayer between them)
@@ -86,17 +83,7 @@ def test_branch_changes_the_output_and_is_causal(variant, kernel, mode, layers):
 @pytest.mark.parametrize("variant,kernel", VARIANT_KERNELS)
 def test_streaming_equals_parallel(variant, kernel, mode, layers):
     model = build(variant, kernel, mode, layers)
-    ids = torch.randint(0, 61, (2, LENGTH))
-    with torch.no_grad():
-        ref = model(ids).logits
-        pre = model(ids[:, :13], use_cache=True)
-        steps = [model(ids[:, t : t + 1], cache=pre.cache).logits for t in range(13, LENGTH)]
-        assert (pre.logits - ref[:, :13]).abs().max() < 1e-4
-        assert (torch.cat(steps, 1) - ref[:, 13:]).abs().max() < 1e-4
-        # a block-aligned continuation runs in parallel with the carried state
-        first = model(ids[:, :16], use_cache=True)
-        second = model(ids[:, 16:40], cache=first.cache)
-        assert (second.logits - ref[:, 16:40]).abs().max() < 1e-4
+    assert_streams_like_parallel(model)
 
 
 @pytest.mark.parametrize("layers", LAYERS)
