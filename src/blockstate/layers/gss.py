@@ -104,7 +104,9 @@ def gss_kernel(config, channels: int) -> nn.Module:
 class GatedStateSpaceLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
-        dim, wide, narrow = config.hidden_size, config.gss_hidden_size, config.gss_narrow_size
+        dim = config.hidden_size  # unset widths (a BST config's plain_layers="gss"): the GSS paper's 4E and E/4
+        wide = config.gss_hidden_size or 4 * dim
+        narrow = config.gss_narrow_size or max(1, dim // 4)
         self.norm = RMSNorm(dim, config.rms_norm_eps)
         self.wide = nn.Linear(dim, wide, bias=False)  # W_v
         self.narrow = nn.Linear(dim, narrow, bias=False)  # W_s

@@ -132,6 +132,12 @@ class GatedStateSpaceConfig(SSMKernelConfig):
             layers = 0
         self.attention_layers = ([i for i in range(layers) if i % 4 == 3] if attention_layers is None
                                  else _as_list(attention_layers))
+        hidden = kwargs.get("hidden_size", 256)
+        hidden = hidden if isinstance(hidden, int) and not isinstance(hidden, bool) else 1  # validate_fields names it
+        if kwargs.get("gss_hidden_size") is None:
+            kwargs["gss_hidden_size"] = 4 * hidden
+        if kwargs.get("gss_narrow_size") is None:
+            kwargs["gss_narrow_size"] = max(1, hidden // 4)
         super().__init__(**kwargs)
 
     def validate_fields(self) -> None:

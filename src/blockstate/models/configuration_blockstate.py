@@ -166,10 +166,9 @@ class SSMKernelConfig(BlockLMConfig):
                  ssm_dt_max: float = 1e-1, filter_hidden_size: int = 64, filter_num_bands: int = 16,
                  gss_hidden_size: int | None = None, gss_narrow_size: int | None = None, gss_kernel: str = "dss",
                  gss_state_size: int = 512, **kwargs):
-        hidden = kwargs.get("hidden_size", 256)
-        hidden = hidden if isinstance(hidden, int) else 1  # validate_fields names a bad hidden_size
-        self.gss_hidden_size = 4 * hidden if gss_hidden_size is None else gss_hidden_size
-        self.gss_narrow_size = max(1, hidden // 4) if gss_narrow_size is None else gss_narrow_size
+        # None: GSS-Hybrid's config fills in its defaults; a BST config keeps None (the layer then uses them), so
+        # a BST checkpoint's config differs from another only where the user set something
+        self.gss_hidden_size, self.gss_narrow_size = gss_hidden_size, gss_narrow_size
         self.gss_kernel, self.gss_state_size = gss_kernel, gss_state_size
         self.ssm_state_size = ssm_state_size
         self.s4d_init = s4d_init
@@ -187,6 +186,8 @@ class SSMKernelConfig(BlockLMConfig):
             raise ValueError(f"gss_kernel must be one of {list(GSS_KERNELS)}, got {self.gss_kernel!r}")
         for name in ("gss_hidden_size", "gss_narrow_size", "gss_state_size"):
             value = getattr(self, name)
+            if value is None and name != "gss_state_size":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.ssm_state_size % 2:
