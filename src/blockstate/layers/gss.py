@@ -101,12 +101,16 @@ def gss_kernel(config, channels: int) -> nn.Module:
     return kernel_from_config(config, config.gss_kernel, channels, 1)
 
 
+def gss_widths(hidden: int, wide: int | None = None, narrow: int | None = None) -> tuple[int, int]:
+    """The wide (F) and narrow (H) branch widths; an unset one is the GSS paper's F = 4E or H = E/4."""
+    return (4 * hidden if wide is None else wide), (max(1, hidden // 4) if narrow is None else narrow)
+
+
 class GatedStateSpaceLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
-        dim = config.hidden_size  # unset widths (a BST config's plain_layers="gss"): the GSS paper's 4E and E/4
-        wide = config.gss_hidden_size or 4 * dim
-        narrow = config.gss_narrow_size or max(1, dim // 4)
+        dim = config.hidden_size  # widths unset in a BST config with plain_layers="gss": the paper's defaults
+        wide, narrow = gss_widths(dim, config.gss_hidden_size, config.gss_narrow_size)
         self.norm = RMSNorm(dim, config.rms_norm_eps)
         self.wide = nn.Linear(dim, wide, bias=False)  # W_v
         self.narrow = nn.Linear(dim, narrow, bias=False)  # W_s

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+from blockstate.layers.gss import gss_widths
 from blockstate.models.configuration_blockstate import LAYER_COLLECTIONS, BlockLMConfig, SSMKernelConfig
 
 # A block size no sequence reaches: BlockAttention then runs one block of the sequence's own length, which is
@@ -134,10 +135,8 @@ class GatedStateSpaceConfig(SSMKernelConfig):
                                  else _as_list(attention_layers))
         hidden = kwargs.get("hidden_size", 256)
         hidden = hidden if isinstance(hidden, int) and not isinstance(hidden, bool) else 1  # validate_fields names it
-        if kwargs.get("gss_hidden_size") is None:
-            kwargs["gss_hidden_size"] = 4 * hidden
-        if kwargs.get("gss_narrow_size") is None:
-            kwargs["gss_narrow_size"] = max(1, hidden // 4)
+        kwargs["gss_hidden_size"], kwargs["gss_narrow_size"] = gss_widths(
+            hidden, kwargs.get("gss_hidden_size"), kwargs.get("gss_narrow_size"))
         super().__init__(**kwargs)
 
     def validate_fields(self) -> None:
