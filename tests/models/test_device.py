@@ -55,8 +55,9 @@ def test_bf16_autocast_keeps_the_ssm_in_fp32(name):
     def record(module, args, output):
         dtypes.append(output.dtype)
 
-    # the kernels (and so the FFT convolutions they feed) come out fp32 under autocast
-    hooks = [m.kernel.register_forward_hook(record) for m in model.modules() if isinstance(m, LongConvSSM)]
+    # the kernels, and the SSM outputs they make (by FFT, or chunk by chunk for SH's S4D), come out fp32
+    ssms = [m for m in model.modules() if isinstance(m, LongConvSSM)]
+    hooks = [h.register_forward_hook(record) for m in ssms for h in (m, m.kernel)]
     with torch.no_grad():
         reference = model(ids).logits
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):

@@ -29,6 +29,7 @@ from blockstate.ops import (
     fft_size,
     positional_features,
     s4d_block_ends,
+    s4d_chunked_conv,
     s4d_discretize,
     s4d_final_state,
     s4d_init,
@@ -237,12 +238,13 @@ class LongConvSSM(nn.Module):
         return fft_causal_conv(whole, self.kernel(whole.shape[-1]), self.skip)[..., start:]
 
     def tokens(self, u: torch.Tensor) -> torch.Tensor:
-        """u (B, L, D) -> y (C, B, L, D) fp32: ``forward(u).permute(2, 0, 3, 1)``, made in that layout group by
-        group of channels (``fft_causal_conv_tokens``); an S4D bank of several filters per channel generates its
-        kernels group by group too (at once, a fixed cost per group of many small ops weighs more than the
-        cache: SH's training step at D = 256 made some 1,200 of them)."""
+        """u (B, L, D) -> y (C, B, L, D) fp32 = ``forward(u).permute(2, 0, 3, 1)``, made in that layout: SH's S4D
+        chunk by chunk through its state (``s4d_chunked_conv``), the rest by FFT per group of channels."""
         length = u.shape[1]
-        if isinstance(self.kernel, S4DKernel) and self.filters > 1:  # SH's one (D, L) kernel: made at once
+        if isinstance(self.kernel, S4DKernel) and self.filters == 1:
+            k = self.kernel
+            return s4d_chunked_conv(k.log_dt, k.log_a_real, k.a_imag, k.c, u, self.skip[:, 0]).unsqueeze(0)
+        if isinstance(self.kernel, S4DKernel):  # MH / MF banks: kernels made per group of channels
             def kernel(c0: int, c1: int) -> torch.Tensor:
                 return self.kernel(length, (c0, c1))
         else:

@@ -14,6 +14,7 @@ from blockstate.ops.s4d import (
     s4d_step,
     s4d_vandermonde,
 )
+from blockstate.ops.s4d_chunked import s4d_chunk_size, s4d_chunked_conv
 
 __all__ = [
     "causal_conv_reference",
@@ -28,6 +29,8 @@ __all__ = [
     "fft_size",
     "positional_features",
     "s4d_block_ends",
+    "s4d_chunk_size",
+    "s4d_chunked_conv",
     "s4d_discretize",
     "s4d_final_state",
     "s4d_init",
