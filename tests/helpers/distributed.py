@@ -56,12 +56,73 @@ def clip_worker(rank: int, world: int, port: int, max_norm: float, reference: fl
         model(x, labels=x).loss.backward()
         torch.nn.utils.get_total_norm = partial_norm
         torch.nn.utils.clip_grad._get_total_norm = partial_norm
-        norm = clip_gradients(model, max_norm)
+        norm = float(clip_gradients(model, max_norm))  # a 0-d tensor on the gradients' device
         after = float(torch.linalg.vector_norm(torch.stack([p.grad.full_tensor().norm() for p in model.parameters()])))
         if abs(norm - reference) > 1e-5 * reference or abs(after - max_norm) > 1e-5:
             errors.put(f"rank {rank}: clip norm {norm:.6f} (1 process: {reference:.6f}), norm after clipping "
                        f"{after:.6f} (max_norm {max_norm})")
     except Exception as error:  # noqa: BLE001 (reported to the parent, which fails the test)
         errors.put(f"rank {rank}: {type(error).__name__}: {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+def skip_worker(rank: int, world: int, port: int, parallel: str, errors) -> None:
+    """One rank of the trainer's ``train_step`` under DDP or FSDP2 (fused AdamW, gloo): a good step, then a step
+    whose loss is NaN on rank 1 alone (its gradients finite: only the all-reduced flag tells rank 0), which every
+    rank must skip bit for bit, then a good step again."""
+    import torch.distributed as dist
+
+    import blockstate.training.trainer as trainer_mod
+    from blockstate.runtime.device import autocast_factory
+    from blockstate.training import TrainConfig
+    from blockstate.training import distributed as D
+    from blockstate.training.optim import build_optimizer, group_of_parameters
+    from blockstate.training.state import TrainState
+    from blockstate.training.steps import StepParts, resolve, skips_on_device
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        info = D.DistInfo(rank, world, 0, torch.device("cpu"), parallel)
+        model = tiny_lm()
+        groups = group_of_parameters(model)
+        wrapped = D.wrap_model(model, info)
+        cfg = TrainConfig(schedule="constant", warmup_steps=0, precision="fp32")
+        opt = build_optimizer(model, groups, cfg)
+        parts = StepParts(model, wrapped, opt, cfg, info, autocast_factory("fp32", info.device), False)
+        state, real = TrainState(), trainer_mod.step_nll
+
+        def local(t):
+            return t.to_local() if hasattr(t, "to_local") else t
+
+        def snapshot():
+            out = [local(p.detach()).clone() for p in model.parameters()]
+            return out + [local(v).clone() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+
+        def batch(seed):
+            ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(seed))
+            ids = ids[2 * rank : 2 * rank + 2]  # this rank's half of the global batch
+            return {"input_ids": ids, "labels": ids.clone()}
+
+        def nan_on_rank_1(*args, **kwargs):
+            nll, carry = real(*args, **kwargs)
+            return (nll + float("nan") if rank == 1 else nll), carry  # the gradients stay finite everywhere
+
+        m = trainer_mod.train_step(parts, state, [batch(0)])
+        before = snapshot()
+        trainer_mod.step_nll = nan_on_rank_1
+        bad = trainer_mod.train_step(parts, state, [batch(1)])
+        trainer_mod.step_nll = real
+        kept = all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
+        good = trainer_mod.train_step(parts, state, [batch(2)])
+        resolve([m, bad, good])
+        moved = not all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
+        if not (skips_on_device(opt) and kept and moved and bad.skipped and not m.skipped and not good.skipped):
+            errors.put(f"rank {rank} ({parallel}): fused {skips_on_device(opt)}, kept {kept}, moved after {moved}, "
+                       f"skipped {[m.skipped, bad.skipped, good.skipped]}")
+    except Exception as error:  # noqa: BLE001 (reported to the parent, which fails the test)
+        errors.put(f"rank {rank} ({parallel}): {type(error).__name__}: {error}")
     finally:
         dist.destroy_process_group()

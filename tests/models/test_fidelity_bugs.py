@@ -173,7 +173,7 @@ def test_fsdp_clipping_uses_the_global_norm_even_when_the_norm_comes_back_partia
     torch.manual_seed(1)
     x = torch.randint(0, VOCAB, (4, 32))
     (0.5 * (model(x[:2], labels=x[:2]).loss + model(x[2:], labels=x[2:]).loss)).backward()
-    reference = clip_gradients(model, 0.0)  # the global norm, nothing clipped
+    reference = float(clip_gradients(model, 0.0))  # the global norm, nothing clipped
     ctx = torch.multiprocessing.get_context("spawn")
     errors = ctx.SimpleQueue()
     torch.multiprocessing.start_processes(clip_worker, args=(2, free_port(), 0.01, reference, errors), nprocs=2,

@@ -126,6 +126,10 @@ def test_optimizer_state_roundtrip_without_pickle(tmp_path, optimizer):
     state = ckpt_io.unflatten_optimizer_state(load_file(tmp_path / "o.safetensors"),
                                               json.loads((tmp_path / "o.json").read_text()), opt2.param_groups)
     opt2.load_state_dict(state)
+    if optimizer == "adamw":  # fused: the step counters come back as float32 tensors on the parameters' device
+        assert all(g["fused"] for g in opt2.param_groups)
+        assert all(s["step"].dtype == torch.float32 and s["step"].device == p.device and float(s["step"]) == 2
+                   for p, s in opt2.state.items())
     _train_steps(ref, opt, 1, seed=5)
     _train_steps(other, opt2, 1, seed=5)
     for a, b in zip(ref.parameters(), other.parameters()):

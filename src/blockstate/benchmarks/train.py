@@ -3,9 +3,12 @@ gradient clipping and the trainer's AdamW step) for every registered model at th
 parameter budget: the registry matches every model to BST:SH:S4 within 5%) and the same sequence lengths.
 
 Each step is the trainer's own ``train_step`` (``blockstate.training.trainer``: its parameter groups, optimiser,
-precision policy, summed-NLL loss, clipping and finiteness checks), on a synthetic batch handed over on the host as
-the data loader hands it; models that carry state across segments (Slide, Transformer-XL, BRecT) get the previous
-step's carry, as in training. Only the schedule differs: a constant learning rate (no warmup).
+precision policy, summed-NLL loss, clipping and finiteness checks, fused AdamW with its skip decided on the device),
+on a synthetic batch handed over on the host as the data loader hands it; models that carry state across segments
+(Slide, Transformer-XL, BRecT) get the previous step's carry, as in training. The step's metrics stay on the device
+(the trainer reads them at log steps; the bench never does), so a step makes no host sync but a stateful model's
+one skip-flag read, and the CUDA timing waits for the step's end itself. Only the schedule differs: a constant
+learning rate (no warmup).
 ``max_train_length`` is set to the benchmarked length, as ``blockstate train --seq-len`` does: Transformer-XL's
 window is half of it, the explicit kernels have one tap per position.
 

@@ -33,11 +33,14 @@ def build(name: str, size: str, length: int, seed: int = 0) -> Contestant:
 
 
 def visit(c: Contestant, device: torch.device) -> None:
-    """Move a model, its optimiser moments and its carry to ``device`` (AdamW's step counters stay on the host)."""
+    """Move a model, its optimiser moments and its carry to ``device`` (the step counters too where the optimiser is
+    fused, as the trainer's AdamW is on CPU and CUDA: they live with the parameters; a foreach one keeps them on the
+    host)."""
     c.model.to(device)
+    fused = all(g.get("fused") for g in c.optimizer.param_groups)
     for state in c.optimizer.state.values():
         for key, value in state.items():
-            if torch.is_tensor(value) and key != "step":
+            if torch.is_tensor(value) and (key != "step" or fused):
                 state[key] = value.to(device)
     if c.state.carry is not None:
         from blockstate.registry import map_carry

@@ -129,7 +129,7 @@ class TrainConfig:
     grad_clip: float = setting(1.0, kind="float0", group="optimisation",
                                help="global gradient-norm clip, 0 = off (default 1)")
     # a step whose loss or gradient norm is not finite is skipped (weights and optimiser state untouched);
-    # this many in a row stop the run with an error (0 = never stop)
+    # this many in a row stop the run with an error (0 = never stop), raised at the next log / eval / save step
     max_skipped_steps: int = setting(20, kind="int0", group="optimisation", mutable=True, metavar="N",
                                      help="a step with a non-finite loss or gradient is skipped; stop after N in a "
                                           "row, 0 = never (default 20)")

@@ -135,7 +135,8 @@ SPEED_STEPS = 20  # the speed line is printed after this many steps (the first o
 class TrainLog:
     """What the loop reports: a ``train`` line of metrics.jsonl every ``log_every`` steps (the loss over the
     window since the last one, tokens/s), the progress bar, and once, early, the speed line (what this machine
-    does). ``state`` is the loop's ``TrainState``, ``m`` the last step's ``StepMetrics``."""
+    does). ``state`` is the loop's ``TrainState``, ``m`` the last step's ``StepMetrics``, read on the host by then
+    (``steps.resolve``); ``add`` is called, in order, for each step that updated the weights."""
 
     def __init__(self, metrics: MetricsLogger, progress: Progress, tokens: int, *, precision: str,
                  budget_s: float | None, say: Any, quiet: bool):

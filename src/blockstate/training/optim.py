@@ -48,7 +48,9 @@ def ssm_lr(cfg: TrainConfig) -> float:
 def build_optimizer(model: nn.Module, groups: dict[str, str], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW or Adafactor over ``model``'s parameters, grouped by ``groups`` (from :func:`group_of_parameters`).
 
-    Each param group records ``base_lr``; :func:`set_lr` scales it by the schedule.
+    Each param group records ``base_lr``; :func:`set_lr` scales it by the schedule. AdamW is fused where torch has
+    a kernel for the parameters (:func:`fused_supported`; build it after moving the model to its device), foreach
+    elsewhere; Adafactor has no fused kernel, so the trainer decides its skipped steps on the host.
     """
     lrs = {"decay": cfg.lr, "no_decay": cfg.lr, "ssm": ssm_lr(cfg)}
     wds = {"decay": cfg.weight_decay, "no_decay": 0.0, "ssm": 0.0}
@@ -59,12 +61,26 @@ def build_optimizer(model: nn.Module, groups: dict[str, str], cfg: TrainConfig) 
     param_groups = [{"params": ps, "lr": lrs[g], "base_lr": lrs[g], "weight_decay": wds[g], "name": g}
                     for g, ps in buckets.items() if ps]
     if cfg.optimizer == "adamw":
+        # fused where torch has the kernel (CPU, CUDA, ...): it skips a non-finite step on the device (``found_inf``,
+        # ``steps.update``) and keeps its step counters there too; foreach elsewhere
+        fused = fused_supported([p for ps in buckets.values() for p in ps])
         return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                                 foreach=True)
+                                 **({"fused": True} if fused else {"foreach": True}))
     # Adafactor (Shazeer & Stern 2018; T5 / PaLM lineage): factored second moments, no first moment. torch's
     # version scales steps by the parameter RMS and caps the relative step at lr, which the schedule drives.
     return torch.optim.Adafactor(param_groups, lr=cfg.lr, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
                                  foreach=True)
+
+
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes ``params``: floating point, on a device type it has a kernel for."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # the private helper moved: the device types torch 2.4+ supports
+        devices = {"cpu", "cuda"}
+    return bool(params) and all(torch.is_floating_point(p) and p.device.type in devices for p in params)
 
 
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int | None, progress: float | None = None) -> float:

@@ -7,8 +7,9 @@ and padded segments weigh by their real tokens.
 
 Numerics: gradients are clipped to ``grad_clip`` (global norm), and a step whose loss or gradient norm is not
 finite (on any rank) is skipped: no optimiser update, a warning, a ``skip`` line in ``metrics.jsonl`` and a
-count in the trainer state and summary. ``max_skipped_steps`` in a row stop the run with an error
-(the weights are those of the last good step; earlier checkpoints are intact).
+count in the trainer state and summary. ``max_skipped_steps`` in a row stop the run with an error (earlier
+checkpoints are intact). The skip is decided on the device (``steps.update``); the host reads the steps' values
+at log, validation and checkpoint steps and at the end, so warnings and the error come then, naming their steps.
 
 Resumability: the schedule is a function of the step, the data loader position is a few integers, and the
 optimiser / RNG states are saved exactly: on CPU a resumed run reproduces the uninterrupted run's losses.
@@ -44,20 +45,19 @@ from blockstate.training.metrics import MetricsLogger, Progress, TrainLog, plot_
 from blockstate.training.optim import build_optimizer, group_of_parameters, lr_factor, set_lr
 from blockstate.training.rundir import check_same_tokenizer, check_writable, publish_model
 from blockstate.training.state import TrainResult, TrainState
-from blockstate.training.steps import StepMetrics, StepParts, StopSignals, carry_is_finite, clip_gradients, step_nll
+from blockstate.training.steps import StepMetrics, StepParts, StopSignals, clip_and_update, diverged, settle, step_nll
+from blockstate.training.steps import TrainingDiverged as TrainingDiverged  # the loop's error, imported from here
 
 logger = logging.getLogger("blockstate.train")
 
 
-class TrainingDiverged(ValueError):
-    """Too many consecutive steps with a non-finite loss or gradient (``max_skipped_steps``)."""
-
-
 # -- one optimiser step ------------------------------------------------------------------------------------------
 def train_step(parts: StepParts, state: TrainState, batches: list[dict[str, torch.Tensor]]) -> StepMetrics:
-    """One optimiser step over ``batches`` (the micro-batches of this rank): learning rate from the schedule,
-    forward and backward of each, the carry handed on, clipping, and the update unless the loss or gradient
-    norm is not finite on any rank (then the step is skipped and counted in ``state``)."""
+    """One optimiser step over ``batches`` (this rank's micro-batches, on the host): learning rate, forward and
+    backward of each, the carry handed on, then ``steps.clip_and_update`` (skipped if not finite on any rank).
+
+    No host sync with fused AdamW on one process (the values stay on the device until the loop reads them); one for
+    a stateful model (a bad step's carry is dropped on the host) or Adafactor; ranks all-reduce the count on it."""
     cfg, info, optimizer = parts.cfg, parts.info, parts.optimizer
     progress = None
     if state.total_steps is None and parts.budget_s:  # time-driven cosine
@@ -73,24 +73,12 @@ def train_step(parts: StepParts, state: TrainState, batches: list[dict[str, torc
             nll, state.carry = step_nll(parts.wrapped, batch, info.device, parts.autocast, state.carry, parts.stateful)
             (nll * scale).backward()
         nll_sum += nll.detach()
-    grad_norm = clip_gradients(parts.model, cfg.grad_clip)
-    loss_sum, bad = D.all_reduce([float(nll_sum), 0.0 if math.isfinite(grad_norm) else 1.0], info)
+    loss_sum, grad_norm, skipped = clip_and_update(parts, state, nll_sum)
     state.step += 1
     state.tokens += int(count)
-    skipped = bool(bad) or not math.isfinite(loss_sum)
-    if skipped:  # a NaN / inf update would poison the weights and the optimiser moments for good: drop it
-        optimizer.zero_grad(set_to_none=True)
-        state.skipped_steps += 1
-        state.skipped_in_a_row += 1
-        if state.carry is not None and not carry_is_finite(state.carry):
-            state.carry = None
-    else:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.skipped_in_a_row = 0
     if cfg.warmup_steps and state.step == cfg.warmup_steps and state.warmup_end_seconds is None:
         state.warmup_end_seconds = state.train_seconds
-    return StepMetrics(loss_sum, count, grad_norm, lr, skipped)
+    return StepMetrics(loss_sum, count, grad_norm, lr, skipped, state.step)
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
@@ -218,14 +206,15 @@ class Trainer:
                                   budget_s=self.parts.budget_s, say=self.say, quiet=not info.is_main)
         self.interrupted = None
         self.parts.wrapped.train()
+        self.pending: list[StepMetrics] = []  # steps not read on the host yet
+        due = [n for n in (cfg.log_every, cfg.eval_every if self.valid_head is not None else 0, cfg.save_every) if n]
         with StopSignals() as stop:
             while state.total_steps is None or state.step < state.total_steps:
                 t0 = time.perf_counter()
                 m = self.train_step([next(self.loader) for _ in range(cfg.grad_accum)])
-                if m.skipped:
-                    self._skipped(m)
-                else:
-                    log.add(m.loss_sum, m.count)
+                self.pending.append(m)
+                if any(state.step % n == 0 for n in due):  # a log, validation or checkpoint follows
+                    self.resolve()
                 state.train_seconds += time.perf_counter() - t0
                 stop_now = D.all_reduce([1.0 if stop.signal else 0.0, state.train_seconds], info, op="max")
                 state.train_seconds = stop_now[1]
@@ -234,6 +223,10 @@ class Trainer:
                 budget_done = self.parts.budget_s is not None and state.train_seconds >= self.parts.budget_s
                 done = ((state.total_steps is not None and state.step >= state.total_steps) or budget_done
                         or self.interrupted)
+                if done:
+                    t_end = time.perf_counter()
+                    self.resolve()
+                    state.train_seconds += time.perf_counter() - t_end
                 if state.step % cfg.log_every == 0 or done:
                     log.write(state, m, done)
                 if self.valid_head is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and not done:
@@ -251,22 +244,21 @@ class Trainer:
                     break
         progress.close()
 
+    def resolve(self) -> None:
+        """Read the pending steps' values (one host sync) and account for them in order (``steps.settle``)."""
+        pending, self.pending = self.pending, []
+        settle(pending, self.state, self.log.add, self._skipped)
+
     def _skipped(self, m: StepMetrics) -> None:
-        """Say and record a skipped step; too many in a row end the run."""
+        """Say and record a skipped step (with its own number); too many in a row end the run."""
         state, limit = self.state, self.cfg.max_skipped_steps
-        step, in_a_row = state.step, state.skipped_in_a_row
-        logger.warning("step %d: %s; optimiser step skipped (%d skipped so far, %d in a row)", step,
+        logger.warning("step %d: %s; optimiser step skipped (%d skipped so far, %d in a row)", m.step,
                        f"the loss is {m.loss_sum}" if not math.isfinite(m.loss_sum)
-                       else f"the gradient norm is {m.grad_norm}", state.skipped_steps, in_a_row)
-        self.metrics.log("skip", step, loss=m.loss_sum, grad_norm=m.grad_norm, skipped_steps=state.skipped_steps,
+                       else f"the gradient norm is {m.grad_norm}", state.skipped_steps, state.skipped_in_a_row)
+        self.metrics.log("skip", m.step, loss=m.loss_sum, grad_norm=m.grad_norm, skipped_steps=state.skipped_steps,
                          lr=m.lr)
-        if limit and in_a_row >= limit:
-            last = self.checkpoints.last
-            raise TrainingDiverged(
-                f"the loss or gradient was not finite for {in_a_row} steps in a row (steps "
-                f"{step - in_a_row + 1}-{step}; weights kept from step {step - in_a_row}): lower --lr (now "
-                f"{self.cfg.lr}), raise --warmup-steps or check the data, then start again or resume from the last "
-                f"checkpoint ({last.name if last else 'none yet'}); --max-skipped-steps sets this limit")
+        if limit and state.skipped_in_a_row >= limit:
+            raise diverged(m.step, state.skipped_in_a_row, state.step, self.cfg.lr, self.checkpoints.last)
 
     # -- the end ---------------------------------------------------------------------------------------------
     def finish(self, t_wall: float) -> TrainResult:
