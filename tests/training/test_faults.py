@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.training import TINY_YAML as BASE_YAML
-from helpers.training import write_corpus
+from helpers.training import InfGrad, write_corpus
 from safetensors.torch import load_file
 
 import blockstate.training.trainer as trainer_mod
@@ -78,18 +78,6 @@ def train_losses(run: Path) -> dict[int, float]:
 
 
 # -- non-finite loss and gradients ---------------------------------------------------------------------------
-class InfGrad(torch.autograd.Function):
-    """Identity forward (a finite loss), infinite gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
-
-
 def inject(monkeypatch, bad_steps, kind: str = "loss", poison_carry: bool = False) -> list:
     """Make the loss NaN (or its gradient inf) on the given steps (grad_accum 1: call i = step i); returns the
     weights seen at each call (= after the previous step) and the carry each call received."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers.distributed import free_port, skip_worker
 from helpers.syncs import DEVICE, counting
-from helpers.training import TINY_YAML, write_corpus
+from helpers.training import TINY_YAML, InfGrad, write_corpus
 
 import blockstate.training.trainer as trainer_mod
 from blockstate.benchmarks.train_contestants import make_batch
@@ -95,18 +95,6 @@ def test_an_adafactor_train_step_reads_its_skip_flag_once(monkeypatch):
 
 
 # -- a non-finite step is skipped bit for bit ---------------------------------------------------------------------
-class InfGrad(torch.autograd.Function):
-    """Identity forward (a finite loss), infinite gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
-
-
 def poison(monkeypatch, kind: str) -> None:
     real = trainer_mod.step_nll
 
