@@ -1,4 +1,4 @@
-"""The SSM sublayer: a bank of depthwise long-convolution kernels applied by causal FFT convolution.
+"""The SSM sublayer: depthwise causal long convolutions (by FFT; SH's S4D chunk by chunk).
 
 ``LongConvSSM(channels=D, filters=C)`` maps u (B, L, D) to y (B, D, C, L): C filters per channel
 (C = 1 for SH, H for MH, S for MF). Three kernel families share the interface ``kernel(length) -> (D, C, L)``:
@@ -244,7 +244,7 @@ class LongConvSSM(nn.Module):
         if isinstance(self.kernel, S4DKernel) and self.filters == 1:
             k = self.kernel
             return s4d_chunked_conv(k.log_dt, k.log_a_real, k.a_imag, k.c, u, self.skip[:, 0]).unsqueeze(0)
-        if isinstance(self.kernel, S4DKernel):  # MH / MF banks: kernels made per group of channels
+        if isinstance(self.kernel, S4DKernel):  # MH / MF banks: kernels per group of channels
             def kernel(c0: int, c1: int) -> torch.Tensor:
                 return self.kernel(length, (c0, c1))
         else:
