@@ -2,9 +2,9 @@
 
 ``s4d_chunked_conv`` equals ``fft_causal_conv(u, s4d_kernel(...))`` (its oracle, with ``causal_conv_reference``
 behind that) up to fp32 rounding; both sit within the same distance of the exact kernel's convolution. Where
-the FFT path makes three FFTs of 2L points per channel, this one makes two batched matmuls per channel over
-chunks of T tokens and a scan over the L / T chunk states: linear in L and at matmul speed (2-4x faster
-forward and backward on CPU at D = 256-512, 512-16k tokens). It applies where the state is small (S4D's N = 16
+the FFT path makes three FFTs of 2L points per channel, this one makes three batched matmuls per channel over
+chunks of T tokens and a scan over the L / T chunk states: linear in L and at matmul speed (1.8-4.2x faster
+forward and backward on CPU at D = 256-512, 1k-16k tokens). It applies where the state is small (S4D's N = 16
 here); GSS's DSS kernel with 512 states keeps the FFT.
 """
 
@@ -20,7 +20,7 @@ from blockstate.ops.s4d import _bbar, _dta, s4d_vandermonde
 
 class _Transposed(torch.autograd.Function):
     """(B, L, h) <-> (B, h, L) as one 2-D transpose per row, which torch copies in cache-sized tiles (a batched
-    transposed copy is not tiled: 2.5-4x slower here), with a contiguous gradient made the same way: CPU bmm
+    transposed copy is not tiled: 2.3-4x slower here), with a contiguous gradient made the same way: CPU bmm
     copies every matrix of a batch on its own when an operand has no unit stride."""
 
     @staticmethod
