@@ -3,13 +3,15 @@ yours back to back").
 
     git worktree add /tmp/before REV
     OMP_WAIT_POLICY=PASSIVE python scripts/decode_back_to_back.py /tmp/before/src src --variant sh \
-        --context 1024 --threads 1 [--rounds 15 --steps 32 --size tiny --static] [--json FILE]
+        --context 1024 --threads 1 [--rounds 15 --steps 32 --size tiny --static | --compile] [--json FILE]
 
 Two worker processes, each importing the ``blockstate`` of its own tree, build the same model (seed 0), prefill
 ``--context`` random tokens and then take turns: one block of ``--steps`` decoding steps each, the order
 alternating every round, so both see the same machine load. Prints the medians and their ratio (first / second);
-a ratio above 1 means the second tree decodes faster. Times are wall clock on a shared machine: compare ratios
-from one run, never absolute figures across runs.
+a ratio above 1 means the second tree decodes faster. ``--static`` decodes both trees from a static cache;
+``--compile`` decodes the first tree as it decodes by default and the second from a static cache with the step
+compiled (``compile_decode=True``; the warm-up steps include the compilation). Times are wall clock on a shared
+machine: compare ratios from one run, never absolute figures across runs.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 from blockstate.models import BlockStateForCausalLM, preset_config
-size, variant, context, steps, threads, static = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8])
+size, variant, context, steps, threads, mode = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]), sys.argv[7]
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 model = BlockStateForCausalLM(preset_config(size, variant, "s4d")).eval()
 ids = torch.randint(0, model.config.vocab_size, (1, context))
 with torch.no_grad():
-    cache = model(ids, use_cache=True, **({"static_cache": True} if static else {})).cache
+    extra = {"static": {"static_cache": True}, "compiled": {"static_cache": True, "compile_decode": True}}
+    cache = model(ids, use_cache=True, **extra.get(mode, {})).cache
     token = torch.randint(0, model.config.vocab_size, (1, 1))
     for _ in range(8):  # warm-up: fused weights, tables, allocator
         model(token, cache=cache)
@@ -56,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=32, help="decoding steps per block")
-    parser.add_argument("--static", action="store_true", help="decode from a static cache (static_cache=True)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--static", action="store_true", help="decode from a static cache (static_cache=True)")
+    how.add_argument("--compile", action="store_true",
+                     help="the second tree from a static cache with the step compiled (compile_decode=True)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     for tree in (args.first, args.second):
@@ -66,10 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    numbers = [str(n) for n in (args.context, args.steps, args.threads, int(args.static))]
+    numbers = [str(n) for n in (args.context, args.steps, args.threads)]
+    modes = ["static"] * 2 if args.static else ["dynamic", "compiled" if args.compile else "dynamic"]
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(tree.resolve()), args.size, args.variant,
-                                 *numbers], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-               for tree in (args.first, args.second)]
+                                 *numbers, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for tree, mode in zip((args.first, args.second), modes)]
     try:
         for worker, tree in zip(workers, (args.first, args.second)):
             if worker.stdout.readline().strip() != "ready":
@@ -86,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
             worker.wait()
     first, second = (statistics.median(t) for t in times)
     return {"size": args.size, "variant": args.variant, "context": args.context, "threads": args.threads,
-            "static": args.static, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "static": args.static, "modes": modes, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
             "rounds": args.rounds, "steps": args.steps, "first": str(args.first), "second": str(args.second),
             "first_ms": first, "second_ms": second, "first_over_second": first / second, "times_ms": times}
 
@@ -95,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     result = run(args)
     print(f"{result['variant']} {result['size']}, context {result['context']}, {result['threads']} thread(s), "
-          f"OMP_WAIT_POLICY={result['omp_wait_policy']}{', static cache' if args.static else ''}: "
+          f"OMP_WAIT_POLICY={result['omp_wait_policy']}{', static cache' if args.static else ''}"
+          f"{', second compiled' if args.compile else ''}: "
           f"first {result['first_ms']:.3f} ms, second {result['second_ms']:.3f} ms per token, "
           f"first / second {result['first_over_second']:.2f}x")
     if args.json:

@@ -17,6 +17,7 @@
 #   3. bench train at size small: tokens/s, model FLOPs utilisation against the GPU's bf16 peak, the memory
 #      gradient checkpointing saves -> train-gpu.{json,png}
 #   4. bench generate: ms per token and cache memory vs context, BST:SH also as a CUDA graph per token (--static)
+#      and with that step compiled (--compile)
 #      -> generation.{json,png}
 #   5. the paper's speed goals with our ratios (python -m blockstate.benchmarks.gpu_check OUTDIR)
 #
@@ -90,7 +91,7 @@ if [ "$DRY" = 1 ]; then
   LAYER_ARGS=(--layers bst-sh-s4,brect,peer-brect,slide,block,full --lengths 128,256 --dim 32 --heads 4 --block 16
     --state 8 --repeats 1)
   TRAIN_ARGS=(--size tiny --models bst-sh-s4,slide --lengths 128 --steps 1)
-  GEN_ARGS=(--contexts 64,128 --steps 2 --repeats 1 --static)
+  GEN_ARGS=(--contexts 64,128 --steps 2 --repeats 1 --static --compile)
   # generous limits: a loaded 2-core machine runs these steps several times slower than a quiet one (~3 min)
   LIMITS=(150 75 75 100 75)
 else
@@ -100,8 +101,8 @@ else
     --lengths 1k,2k,4k,8k,16k,32k,65k --repeats 3 --time-limit 3)
   TRAIN_ARGS=(--size small --models bst-sh-s4,bst-mh-s4,bst-mf-s4,bst-sh-s4-gated,gpt,slide,brect,gss-hybrid
     --lengths 1k,4k,16k --steps 3 --time-limit 10)
-  GEN_ARGS=(--contexts 1024,16384,65536 --steps 16 --repeats 3 --static)
-  LIMITS=(170 70 70 95 45)  # seconds, sized for an H100/H200 (compile tests dominate the first)
+  GEN_ARGS=(--contexts 1024,16384,65536 --steps 16 --repeats 3 --static --compile)
+  LIMITS=(170 60 60 95 65)  # seconds, sized for an H100/H200 (compile tests dominate the first)
 fi
 
 echo "gpu-check on $(hostname) at $(date -u +%FT%TZ), device $DEVICE, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), budget ${BUDGET}s"

@@ -35,6 +35,8 @@ class SamplingConfig:
     # decode from fixed buffers, captured in a CUDA graph on CUDA (blockstate.models.static_decode); BST SH / MH
     # with S4D kernels only, others are refused in one line
     static_cache: bool = False
+    # with static_cache: the decode step compiled with torch.compile (seconds once, then fewer dispatches per token)
+    compile_decode: bool = False
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -45,6 +47,8 @@ class SamplingConfig:
             raise ValueError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.compile_decode and not self.static_cache:
+            raise ValueError("--compile-decode compiles the static decode step: pass --static-cache with it")
         if self.repetition_penalty <= 0:
             raise ValueError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
 
@@ -137,7 +141,7 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], cfg: SamplingConfig, e
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
-            extra = {"static_cache": True} if cfg.static_cache else {}
+            extra = {"static_cache": True, "compile_decode": cfg.compile_decode} if cfg.static_cache else {}
             out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen_config,
                                  streamer=streamer, **extra)
     finally:

@@ -99,3 +99,40 @@ def test_unsupported_models_are_refused_in_one_line(name):
     with pytest.raises(ValueError, match="static_cache=True needs") as err:
         model(ids_for(1, 9), use_cache=True, static_cache=True)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_compiled_static_decode_equals_dynamic(name):
+    """``compile_decode=True``: the static step compiled with torch.compile (inductor) gives the dynamic cache's
+    logits token by token, across block starts; a weight changed in place between tokens is read (the fused
+    weights are refreshed eagerly, the compiled step keeps no stale copy); a new batch size recompiles."""
+    torch._dynamo.reset()
+    model = model_for(name)
+    prompt = ids_for(2, 13)
+    with torch.no_grad():
+        dynamic = model(prompt, use_cache=True).cache
+        static = model(prompt, use_cache=True, static_cache=True, compile_decode=True).cache
+        assert static.static.compiled is not None
+        worst = 0.0
+        for t, token in enumerate(ids_for(2, 20, seed=1).unbind(1)):
+            if t == 12:  # as an optimizer step would: in place, so the fused [q; q_cross; k; v] must be rebuilt
+                model.model.layers[0].attention.qkv.weight.mul_(1.5)
+                model.model.layers[0].ffn.up.weight.mul_(0.5)
+            b = model(token[:, None], cache=static).logits  # first: the dynamic step would rebuild them itself
+            a = model(token[:, None], cache=dynamic).logits
+            worst = max(worst, float((a - b).abs().max()))
+        assert worst < 10 * TOL
+        assert static.static.steps == 20
+        one = model(ids_for(1, 9), use_cache=True, static_cache=True, compile_decode=True).cache
+        reference = model(ids_for(1, 9), use_cache=True).cache
+        for token in ids_for(1, 4, seed=2).unbind(1):
+            diff = model(token[:, None], cache=one).logits - model(token[:, None], cache=reference).logits
+            assert float(diff.abs().max()) < 10 * TOL
+
+
+def test_compile_decode_needs_the_static_cache():
+    model = model_for("bst-sh-s4")
+    with pytest.raises(ValueError, match="pass static_cache=True with it"):
+        model(ids_for(1, 9), use_cache=True, compile_decode=True)
+    with pytest.raises(ValueError, match="--compile-decode compiles the static decode step"):
+        SamplingConfig(compile_decode=True).validate()

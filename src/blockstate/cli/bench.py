@@ -55,5 +55,6 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--contexts must be comma-separated integers, got {args.contexts!r}") from None
     if not contexts or min(contexts) < 1:
         raise ValueError("--contexts needs at least one positive length")
-    generation.run(contexts, args.size, args.steps, args.repeats, args.device, args.out, args.static)
+    generation.run(contexts, args.size, args.steps, args.repeats, args.device, args.out, args.static,
+                   args.compile)
     return 0

@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--static-cache", action="store_true",
                    help="decode from fixed buffers, as a CUDA graph on CUDA (BST SH/MH with S4D kernels)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="with --static-cache: compile the decode step with torch.compile (a few seconds once)")
     p.add_argument("--tokenizer", default=None,
                    help="use this tokenizer instead of the run's own (bytes, a directory...)")
     p.set_defaults(run=run)
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                         seed=args.seed, static_cache=args.static_cache)
+                         seed=args.seed, static_cache=args.static_cache,
+                         compile_decode=args.compile_decode)
     cfg.validate()
     check_prompt(args.prompt)  # before the model loads: a bad flag fails at once
     device = pick_device(args.device)  # --device cuda without a GPU: one line naming the flag

@@ -136,8 +136,12 @@ def cached_on(owner, name: str, params, build):
     """``build()``, kept on ``owner`` (a module) until one of ``params`` is moved, cast, replaced or updated in
     place: constants a decoding step derives from parameters (fused weights, discretised SSMs) are computed once,
     not per token. Not part of the state dict; a checkpoint loads into the parameters as before."""
-    key = tuple((p.device, p.dtype, p.data_ptr(), p._version) for p in params)
     store = owner.__dict__.setdefault("_step_constants", {})
+    if torch.compiler.is_compiling() and name in store:
+        # a compiled decode step (``StaticDecoder(compile=True)``) reads what the eager refresh before each call
+        # keeps current; data pointers cannot be traced
+        return store[name][1]
+    key = tuple((p.device, p.dtype, p.data_ptr(), p._version) for p in params)
     hit = store.get(name)
     if hit is None or hit[0] != key:
         hit = store[name] = (key, build())

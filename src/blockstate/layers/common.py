@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockstate.layers.cache import cached_on
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (no centring, no bias), computed in fp32 for stability under autocast."""
@@ -39,6 +41,25 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(F.gelu(self.up(x))))
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """One row per stream, x (B, D), in eval (a decoding step): the same two products and GELU.
+
+        A product of one row reads every weight once, and MKL reads a weight fastest along its longer side (on
+        AMD EPYC, 256 -> 1024: 67 against 153 us per matrix once the weights leave the cache), so the up
+        projection is read from a (D, intermediate) copy of its weight, kept until the parameter changes."""
+        if self.training or self._forward_hooks or self.up._forward_hooks or self.down._forward_hooks:
+            return self(x)
+        up = self.step_up_weight()
+        hidden = torch.mm(x, up) if up is not self.up.weight else F.linear(x, up)
+        return F.linear(F.gelu(hidden), self.down.weight)
+
+    def step_up_weight(self) -> torch.Tensor:
+        """The up projection as ``step`` reads it: a (D, intermediate) copy where that side is the longer."""
+        up = self.up.weight
+        if up.shape[0] <= up.shape[1]:
+            return up
+        return cached_on(self, "up_t", [up], lambda: up.detach().t().contiguous())
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, ...]:

@@ -235,12 +235,14 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
     def forward(self, input_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: BlockStateCache | None = None,
                 use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None,
-                return_dict: bool | None = None, static_cache: bool = False, **kwargs) -> BlockStateCausalLMOutput:
+                return_dict: bool | None = None, static_cache: bool = False, compile_decode: bool = False,
+                **kwargs) -> BlockStateCausalLMOutput:
         """Parallel forward; or, with ``use_cache``, a parallel prefill that returns a cache; or, given a cache
         that has seen tokens, recurrent decoding of ``input_ids`` one token at a time (equal to the parallel
         forward over the whole stream). ``attention_mask`` (B, L) marks one contiguous run of real tokens per row
         (left or right padding); each row is computed as if it stood alone. ``static_cache=True`` with a prefill:
-        decode from fixed buffers, in a CUDA graph on CUDA (``blockstate.models.static_decode``)."""
+        decode from fixed buffers, in a CUDA graph on CUDA (``blockstate.models.static_decode``); with
+        ``compile_decode=True`` too, the decode step compiled with ``torch.compile``."""
         if cache is not None and cache.get_seq_length() > 0 and not self._continues_in_parallel(cache, input_ids):
             if input_ids is None:
                 raise ValueError("decoding with a cache needs input_ids")
@@ -265,6 +267,8 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
             input_ids = input_ids * (torch.arange(input_ids.shape[1], device=input_ids.device) < lengths[:, None])
         if cache is not None and cache.get_seq_length() > 0 and starts is not None:
             raise ValueError("attention_mask padding is only supported for the first (prefill) call")
+        if compile_decode and not static_cache:
+            raise ValueError("compile_decode=True compiles the static decode step: pass static_cache=True with it")
         if static_cache:
             check_static_decode(self)
         if use_cache and cache is None:
@@ -279,7 +283,7 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
             logits = gather_positions(logits, -starts, logits.shape[1]) * real[..., None]
         loss = None if labels is None else causal_lm_loss(logits, labels)
         if static_cache and cache is not None:
-            cache.static = StaticDecoder(self, cache)
+            cache.static = StaticDecoder(self, cache, compile=compile_decode)
         return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache or cache else None)
 
     def _continues_in_parallel(self, cache: BlockStateCache, input_ids: torch.Tensor | None) -> bool:
@@ -306,7 +310,8 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
             # the cache has consumed everything but the newest token
             return {"input_ids": input_ids[:, -1:], "cache": cache, "use_cache": True}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache,
-                "static_cache": bool(kwargs.get("static_cache", False))}
+                "static_cache": bool(kwargs.get("static_cache", False)),
+                "compile_decode": bool(kwargs.get("compile_decode", False))}
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

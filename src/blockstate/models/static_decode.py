@@ -8,6 +8,16 @@ token is one call of the same step on the same tensors. Nothing in that step rea
 growth), so on CUDA the second token captures it (``torch.cuda.CUDAGraph``) and every later one replays it: one
 launch per token instead of a few hundred. On CPU the same static step runs eagerly, equal to the dynamic one.
 
+``compile_decode=True`` (with ``static_cache=True``) also compiles that step with ``torch.compile`` (inductor: on
+CPU its elementwise ops fused into C++ loops, a few kernels instead of ~150 dispatches per token; on CUDA the
+compiled step is what the graph captures). The first token of a decoder runs eagerly (it builds the lazy tables and
+fused weights), the second compiles (seconds, once per model configuration, batch size and dtype), the rest replay.
+Its guards keep only the tensors' shapes, dtypes and strides (``torch.compiler.keep_tensor_guards_unsafe``): a
+dispatch-bound step spends more time on the full guards than on its own ops. Everything else a guard would check is
+fixed by the model's configuration, which is why each configuration gets its own compiled step (its own code
+object, so its own dynamo cache), and the constants derived from the parameters are refreshed eagerly before every
+call (``_refresh``), so a model trained between calls decodes with its new weights.
+
 Beam search and ``index_select`` replace the cache's tensors; before each step the decoder copies whatever replaced
 them back into its own (the graph keeps reading the same memory). A different batch size starts a new decoder.
 
@@ -18,6 +28,8 @@ line by :func:`static_decode_unsupported`.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 
@@ -53,17 +65,36 @@ def check_static_decode(model) -> None:
                          f"decode without it")
 
 
+_COMPILED: dict[tuple, object] = {}  # (configuration, training, autocast) -> the compiled step
+
+
+def _compiled_body(model):
+    """``StaticDecoder._body`` compiled for ``model``'s configuration: a copy of its code object per configuration,
+    because dynamo keeps its cache on the code object and the guards kept here cannot tell configurations apart."""
+    device = next(model.parameters()).device.type
+    key = (model.config.to_json_string(use_diff=False), model.training, torch.is_autocast_enabled(device),
+           torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+    if key not in _COMPILED:
+        plain = StaticDecoder._body
+        body = types.FunctionType(plain.__code__.replace(), plain.__globals__, plain.__name__)
+        _COMPILED[key] = torch.compile(body, dynamic=False, fullgraph=True,
+                                       options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+    return _COMPILED[key]
+
+
 class StaticDecoder:
     """The decode step of ``model`` over ``cache`` (after its prefill), with fixed tensors; on CUDA a CUDA graph.
 
-    ``graph=None`` captures on CUDA and runs eagerly elsewhere; ``graph=False`` always runs eagerly."""
+    ``graph=None`` captures on CUDA and runs eagerly elsewhere; ``graph=False`` always runs eagerly.
+    ``compile=True``: the step compiled with ``torch.compile`` from the second token on (see the module's doc)."""
 
-    def __init__(self, model, cache, graph: bool | None = None):
+    def __init__(self, model, cache, graph: bool | None = None, compile: bool = False):
         check_static_decode(model)
         self.model, self.cache = model, cache
         device = cache.position.device
         self.use_graph = device.type == "cuda" if graph is None else bool(graph and device.type == "cuda")
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.compiled = _compiled_body(model) if compile else None
         self._prepare()
 
     @torch.no_grad()
@@ -111,6 +142,29 @@ class StaticDecoder:
                 setattr(owner, name, fixed)
         return True
 
+    def _refresh(self) -> None:
+        """Rebuild, eagerly, the constants the step derives from the parameters where a parameter changed (the
+        compiled step reads them as they are: it cannot trace the data-pointer check)."""
+        for layer in self.model.model.layers:
+            layer.attention._step_weights()
+            if hasattr(layer.ffn, "step_up_weight"):
+                layer.ffn.step_up_weight()
+            if layer.context is not None:
+                layer.context.ssm._step_coefficients()
+
+    def _run(self) -> torch.Tensor:
+        if self.compiled is None or self.steps == 0:  # the first token builds the lazy tables eagerly
+            return self._body()
+        self._refresh()
+        try:
+            return self.compiled(self)
+        except Exception as error:  # inductor needs a C++ compiler on CPU (Triton on CUDA)
+            if self.steps > 1:
+                raise
+            raise RuntimeError(f"compile_decode=True: torch.compile could not compile the decode step "
+                               f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); decode without "
+                               f"it") from None
+
     def _body(self) -> torch.Tensor:
         """One token per row from ``self.tokens``: the model's step, advancing the position in place."""
         inner, cache = self.model.model, self.cache
@@ -129,18 +183,19 @@ class StaticDecoder:
         host, length = cache.positions_on_host(), cache.get_seq_length()
         self.tokens.copy_(tokens)
         if not self.use_graph:
-            logits = self._body()
-        elif self.graph is None and self.steps == 0:  # warm-up on a side stream (lazy state, cuBLAS workspaces)
+            logits = self._run()
+        elif self.graph is None and self.steps < (1 if self.compiled is None else 2):
+            # warm-up on a side stream (lazy state, cuBLAS workspaces; the compilation, which must not be captured)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                logits = self._body()
+                logits = self._run()
             torch.cuda.current_stream().wait_stream(stream)
         else:
             if self.graph is None:
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph):
-                    self.logits = self._body()
+                    self.logits = self._run()
             self.graph.replay()
             logits = self.logits.clone()
         self.steps += 1
