@@ -35,6 +35,7 @@ from blockstate.ops import (
     s4d_init,
     s4d_kernel,
     s4d_state_response,
+    s4d_update_,
     squash_smooth,
 )
 from blockstate.ops.fftconv import channel_group
@@ -313,16 +314,8 @@ class LongConvSSM(nn.Module):
         if state is None or not state.is_contiguous():
             state = torch.zeros(bsz, self.channels * self.filters, abar.shape[-1], dtype=abar.dtype,
                                 device=u.device) if state is None else state.contiguous()
-        # x' = Abar x + Bbar u in place: (B, D, C, m), channel d feeds its C filters by broadcasting
-        x = state.view(bsz, self.channels, self.filters, -1)
-        if torch.compiler.is_compiling():  # inductor has no code for complex ops: the same on (re, im) pairs
-            xr, ar, br = torch.view_as_real(x), torch.view_as_real(abar), torch.view_as_real(bbar)
-            u4 = u.view(bsz, self.channels, 1, 1)
-            re = ar[..., 0] * xr[..., 0] - ar[..., 1] * xr[..., 1] + br[..., 0] * u4
-            im = ar[..., 0] * xr[..., 1] + ar[..., 1] * xr[..., 0] + br[..., 1] * u4
-            xr.copy_(torch.stack([re, im], -1))
-        else:
-            x.mul_(abar).add_(bbar * u.view(bsz, self.channels, 1, 1))
+        # x' = Abar x + Bbar u in place, (B, D, C, m): channel d feeds its C filters by broadcasting
+        x = s4d_update_(state.view(bsz, self.channels, self.filters, -1), abar, bbar, u[..., None, None])
         cache.ssm_state = state
         # y = 2 Re(sum_m C x) + skip u as real products over (m, re/im), with 2 and the sign folded in c
         y = (torch.view_as_real(x) * c).sum((-2, -1))

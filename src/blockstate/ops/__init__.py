@@ -12,6 +12,7 @@ from blockstate.ops.s4d import (
     s4d_kernel_reference,
     s4d_state_response,
     s4d_step,
+    s4d_update_,
     s4d_vandermonde,
 )
 from blockstate.ops.s4d_chunked import s4d_chunk_size, s4d_chunked_conv
@@ -38,6 +39,7 @@ __all__ = [
     "s4d_kernel_reference",
     "s4d_state_response",
     "s4d_step",
+    "s4d_update_",
     "s4d_vandermonde",
     "squash_smooth",
 ]

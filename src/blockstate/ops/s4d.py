@@ -241,3 +241,16 @@ def s4d_step(
     """One recurrent step for a batch: state (B, h, m) complex, u (B, h) real -> (new state, y (B, h))."""
     state = abar * state + bbar * u.unsqueeze(-1)
     return state, 2 * (c * state).sum(-1).real
+
+
+def s4d_update_(state: torch.Tensor, abar: torch.Tensor, bbar: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``state = abar * state + bbar * u`` in place (the fast path beside ``s4d_step``): state complex, abar / bbar
+    complex and u real, broadcastable to it. Under ``torch.compile`` the same on (re, im) pairs: inductor emits no
+    code for complex ops, so they would run one by one outside its fused loops."""
+    if not torch.compiler.is_compiling():
+        return state.mul_(abar).add_(bbar * u)
+    xr, ar, br = torch.view_as_real(state), torch.view_as_real(abar), torch.view_as_real(bbar)
+    re = ar[..., 0] * xr[..., 0] - ar[..., 1] * xr[..., 1] + br[..., 0] * u
+    im = ar[..., 0] * xr[..., 1] + ar[..., 1] * xr[..., 0] + br[..., 1] * u
+    xr.copy_(torch.stack([re, im], -1))
+    return state
