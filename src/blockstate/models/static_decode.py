@@ -65,15 +65,16 @@ def check_static_decode(model) -> None:
                          f"decode without it")
 
 
-_COMPILED: dict[tuple, object] = {}  # (configuration, training, autocast) -> the compiled step
+_COMPILED: dict[tuple, object] = {}  # (configuration, device, dtype, training, autocast) -> the compiled step
 
 
 def _compiled_body(model):
     """``StaticDecoder._body`` compiled for ``model``'s configuration: a copy of its code object per configuration,
     because dynamo keeps its cache on the code object and the guards kept here cannot tell configurations apart."""
-    device = next(model.parameters()).device.type
-    key = (model.config.to_json_string(use_diff=False), model.training, torch.is_autocast_enabled(device),
-           torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+    weight = next(model.parameters())
+    autocast = torch.is_autocast_enabled(weight.device.type)
+    key = (model.config.to_json_string(use_diff=False), str(weight.device), weight.dtype, model.training,
+           torch.get_autocast_dtype(weight.device.type) if autocast else None)
     if key not in _COMPILED:
         plain = StaticDecoder._body
         body = types.FunctionType(plain.__code__.replace(), plain.__globals__, plain.__name__)
