@@ -1,5 +1,6 @@
-"""``s4d_chunked_conv`` (SH's S4D convolution through its state, chunk by chunk) against its oracles: the FFT
-convolution with the generated kernel, and the direct convolution with the kernel of the unrolled recurrence."""
+"""``s4d_chunked_conv`` (SH's S4D convolution through its state, chunk by chunk) and ``s4d_chunked_bank`` (MH's C
+filters per channel) against their oracles: the FFT convolution with the generated kernel, and the direct
+convolution with the kernel of the unrolled recurrence."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from blockstate.ops import (
     causal_conv_reference,
     fft_causal_conv,
     s4d_chunk_size,
+    s4d_chunked_bank,
     s4d_chunked_conv,
     s4d_init,
     s4d_kernel,
@@ -124,3 +126,75 @@ def test_chunked_conv_stays_fp32_under_autocast():
         y = s4d_chunked_conv(*_args(p), u)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, s4d_chunked_conv(*_args(p), u.float()))
+
+
+# -- the filter bank (MH): C filters per channel, one shared input ---------------------------------------------
+def _bank_oracle(p, u, filters, skip, exact=False):
+    """(C, B, L, D) from the FFT convolution (or, ``exact``, the direct one) of each filter with its channel."""
+    bsz, length, dim = u.shape
+    x = u.transpose(1, 2).repeat_interleave(filters, dim=1)  # filter f of channel d reads channel d
+    if exact:
+        y = causal_conv_reference(x.double(), s4d_kernel_reference(*_args(p), length).double(),
+                                  None if skip is None else skip.double())
+    else:
+        y = fft_causal_conv(x, s4d_kernel(*_args(p), length), skip)
+    return y.view(bsz, dim, filters, length).permute(2, 0, 3, 1)
+
+
+@pytest.mark.parametrize("bsz,length,filters,chunk", [(1, 1, 2, None), (2, 7, 3, 16), (1, 64, 4, 16),
+                                                      (3, 100, 2, 16), (2, 300, 5, 32), (1, 1000, 16, None)])
+@pytest.mark.parametrize("skip", [False, True])
+def test_bank_equals_the_convolution_of_every_filter(bsz, length, filters, chunk, skip):
+    dim = 3
+    p = _params(dim * filters, seed=2)
+    u = torch.randn(bsz, length, dim, generator=torch.Generator().manual_seed(3))
+    d = torch.randn(dim * filters) if skip else None
+    y = s4d_chunked_bank(*_args(p), u, filters, d, chunk=chunk)
+    assert y.shape == (filters, bsz, length, dim) and y.dtype == torch.float32 and y.is_contiguous()
+    exact = _bank_oracle(p, u, filters, d, exact=True)
+    scale = exact.abs().max()
+    assert (y.double() - exact).abs().max() <= 2e-5 * scale + 1e-6
+    torch.testing.assert_close(y, _bank_oracle(p, u, filters, d), rtol=0, atol=float(2e-5 * scale + 1e-6))
+    # and filter by filter, the single-filter fast path on the same channel
+    per = p["log_dt"].view(dim, filters)
+    f = filters - 1
+    rows = torch.arange(dim) * filters + f
+    one = s4d_chunked_conv(per[:, f], p["log_a_real"][rows], p["a_imag"][rows], p["c"][rows], u,
+                           None if d is None else d[rows], chunk=chunk)
+    torch.testing.assert_close(y[f], one, rtol=0, atol=float(2e-5 * scale + 1e-6))
+
+
+def test_bank_is_causal_and_reaches_far_back():
+    p, d = _params(2 * 4, seed=4), torch.randn(8)
+    p["log_a_real"][:4].fill_(-9.0)  # slow modes for channel 0's filters: they carry across many chunks
+    u = torch.randn(1, 512, 2)
+    y = s4d_chunked_bank(*_args(p), u, 4, d, chunk=16)
+    for t in (5, 16, 40, 300, 511):
+        v = u.clone()
+        v[:, t:] += torch.randn_like(v[:, t:])
+        z = s4d_chunked_bank(*_args(p), v, 4, d, chunk=16)
+        assert torch.equal(z[:, :, :t], y[:, :, :t])
+        assert not torch.equal(z[:, :, t], y[:, :, t])
+    v = u.clone()
+    v[:, 3, 0] += 1.0  # an input in the first chunk moves channel 0's outputs 30 chunks on, in every filter
+    z = s4d_chunked_bank(*_args(p), v, 4, d, chunk=16)
+    assert (z - y)[:, 0, 500, 0].abs().min() > 1e-4
+    assert torch.equal(z[..., 1], y[..., 1])  # and no other channel's
+
+
+def test_bank_gradients_equal_the_fft_path():
+    torch.manual_seed(0)
+    dim, filters, length = 4, 3, 300
+    base = _params(dim * filters)
+    u0, d0 = torch.randn(2, length, dim), torch.randn(dim * filters)
+    g = torch.randn(filters, 2, length, dim)
+    grads = []
+    for chunked in (True, False):
+        p = {k: v.clone().requires_grad_() for k, v in base.items()}
+        u, d = u0.clone().requires_grad_(), d0.clone().requires_grad_()
+        y = s4d_chunked_bank(*_args(p), u, filters, d, chunk=32) if chunked else _bank_oracle(p, u, filters, d)
+        (y * g).sum().backward()
+        grads.append([u.grad, d.grad, *(p[k].grad for k in ("log_dt", "log_a_real", "a_imag", "c"))])
+    for fast, oracle in zip(*grads):
+        assert fast is not None and fast.abs().sum() > 0
+        assert (fast - oracle).norm() <= 1e-4 * oracle.norm()

@@ -29,6 +29,7 @@ from blockstate.ops import (
     fft_size,
     positional_features,
     s4d_block_ends,
+    s4d_chunked_bank,
     s4d_chunked_conv,
     s4d_discretize,
     s4d_final_state,
@@ -239,18 +240,15 @@ class LongConvSSM(nn.Module):
         return fft_causal_conv(whole, self.kernel(whole.shape[-1]), self.skip)[..., start:]
 
     def tokens(self, u: torch.Tensor) -> torch.Tensor:
-        """u (B, L, D) -> y (C, B, L, D) fp32 = ``forward(u).permute(2, 0, 3, 1)``, made in that layout: SH's S4D
-        chunk by chunk through its state (``s4d_chunked_conv``), the rest by FFT per group of channels."""
-        length = u.shape[1]
-        if isinstance(self.kernel, S4DKernel) and self.filters == 1:
-            k = self.kernel
+        """u (B, L, D) -> y (C, B, L, D) fp32 = ``forward(u).permute(2, 0, 3, 1)``, made in that layout: S4D
+        chunk by chunk through its state (``s4d_chunked_conv``, ``s4d_chunked_bank`` for C filters), the other
+        kernels by FFT per group of channels."""
+        k = self.kernel
+        if isinstance(k, S4DKernel) and self.filters == 1:
             return s4d_chunked_conv(k.log_dt, k.log_a_real, k.a_imag, k.c, u, self.skip[:, 0]).unsqueeze(0)
-        if isinstance(self.kernel, S4DKernel):  # MH / MF banks: kernels per group of channels
-            def kernel(c0: int, c1: int) -> torch.Tensor:
-                return self.kernel(length, (c0, c1))
-        else:
-            kernel = self.kernel(length)
-        return fft_causal_conv_tokens(u, kernel, self.skip, channel_group(self.filters, fft_size(length)))
+        if isinstance(k, S4DKernel):  # MH's bank: every filter of a channel reads that channel's chunks at once
+            return s4d_chunked_bank(k.log_dt, k.log_a_real, k.a_imag, k.c, u, self.filters, self.skip.flatten())
+        return fft_causal_conv_tokens(u, k(u.shape[1]), self.skip, channel_group(self.filters, fft_size(u.shape[1])))
 
     def mean_filter(self, u: torch.Tensor) -> torch.Tensor:
         """u (B, L, D) -> the output averaged over the C filters, (B, L, D) fp32, as one convolution with the

@@ -15,7 +15,7 @@ from blockstate.ops.s4d import (
     s4d_update_,
     s4d_vandermonde,
 )
-from blockstate.ops.s4d_chunked import s4d_chunk_size, s4d_chunked_conv
+from blockstate.ops.s4d_chunked import s4d_chunk_size, s4d_chunked_bank, s4d_chunked_conv
 
 __all__ = [
     "causal_conv_reference",
@@ -31,6 +31,7 @@ __all__ = [
     "positional_features",
     "s4d_block_ends",
     "s4d_chunk_size",
+    "s4d_chunked_bank",
     "s4d_chunked_conv",
     "s4d_discretize",
     "s4d_final_state",

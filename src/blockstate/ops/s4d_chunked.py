@@ -11,6 +11,7 @@ here); GSS's DSS kernel with 512 states keeps the FFT.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,33 @@ def _transposed(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _FiltersFirst(torch.autograd.Function):
+    """C tensors (B, D, n, T) (filter f's output, channel-major, in chunks) -> (C, B, L, D), the first L tokens,
+    as one 2-D transpose per (filter, row); the gradient goes back the same way."""
+
+    @staticmethod
+    def forward(ctx, length: int, *ys: torch.Tensor) -> torch.Tensor:
+        bsz, dim, n, size = ys[0].shape
+        ctx.chunks = (n, size)
+        out = ys[0].new_empty(len(ys), bsz, length, dim)
+        for f, y in enumerate(ys):
+            for b in range(bsz):
+                out[f, b].copy_(y[b].view(dim, n * size)[:, :length].t())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        filters, bsz, length, dim = grad.shape
+        n, size = ctx.chunks
+        grads = []
+        for f in range(filters):
+            g = grad.new_zeros(bsz, dim, n * size) if n * size > length else grad.new_empty(bsz, dim, length)
+            for b in range(bsz):
+                g[b, :, :length].copy_(grad[f, b].t())
+            grads.append(g.view(bsz, dim, n, size))
+        return (None, *grads)
+
+
 def _rows_bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(B, h, r, k) @ (h, k, c) -> (B, h, r, c): one bmm per row (a broadcast matmul would copy w B times)."""
     if x.shape[0] == 1:
@@ -46,20 +74,27 @@ def _rows_bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.bmm(row, w) for row in x.unbind(0)])
 
 
+def _rows_baddbmm(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y + x @ w per row, as ``_rows_bmm``: (B, h, r, c) + (B, h, r, k) @ (h, k, c)."""
+    if x.shape[0] == 1:
+        return torch.baddbmm(y.view(y.shape[1:]), x.view(x.shape[1:]), w).unsqueeze(0)
+    return torch.stack([torch.baddbmm(out, row, w) for out, row in zip(y.unbind(0), x.unbind(0))])
+
+
 def _scan_in_place(x: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
-    """x_j += sum_(i < j) decay^(j - i) x_i along dim 2, in log2(n) passes (Hillis-Steele), in place."""
-    step, n = 1, x.shape[2]
-    while step < n:
-        x[:, :, step:] += decay * x[:, :, :-step]  # the product is made from the old values before the add
-        decay, step = decay * decay, 2 * step
+    """x_j += decay x_(j-1) along dim 2, one chunk after another, in place: n - 1 fused multiply-adds over one
+    chunk's states each, in cache. A log-depth (Hillis-Steele) scan made log2(n) passes over all the states; for
+    MH's bank (16x SH's states) those passes went to memory, and for SH it was no faster (1 thread, 4k-64k)."""
+    for j in range(1, x.shape[2]):
+        x[:, :, j : j + 1].addcmul_(decay, x[:, :, j - 1 : j])
     return x
 
 
 class _ChunkScan(torch.autograd.Function):
-    """x_j = decay x_(j-1) + local_j over chunks (dim 2), complex, from x_(-1) = 0. Autograd through a
-    log-depth scan of slices and concatenations made a zero-filled copy per pass each way (a third of the
-    convolution's backward); the gradient is itself a scan, run backwards with conj(decay):
-    G_j = g_j + conj(decay) G_(j+1), grad local = G, grad decay = sum_j G_j conj(x_(j-1))."""
+    """x_j = decay x_(j-1) + local_j over chunks (dim 2), complex, from x_(-1) = 0; ``decay`` broadcasts
+    against one chunk's slice, (h, 1, m). Autograd through the slices would keep one graph node per chunk; the
+    gradient is itself a scan, run backwards with conj(decay): G_j = g_j + conj(decay) G_(j+1), grad local = G,
+    grad decay = sum_j G_j conj(x_(j-1))."""
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
@@ -70,11 +105,14 @@ class _ChunkScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, decay = ctx.saved_tensors
-        g = _scan_in_place(grad.flip(2).contiguous(), decay.conj()).flip(2)
-        grad_decay = None
-        if ctx.needs_input_grad[1]:
-            grad_decay = (g[:, :, 1:] * x[:, :, :-1].conj()).sum(0).sum(1, keepdim=True)  # decay is (h, 1, m)
-        return g, grad_decay
+        g, back = grad.clone(memory_format=torch.contiguous_format), decay.conj()
+        want = ctx.needs_input_grad[1]
+        acc = torch.zeros_like(g[:, :, :1]) if want else None
+        for j in range(g.shape[2] - 2, -1, -1):  # G_j = g_j + conj(decay) G_(j+1), in place, last chunk first
+            g[:, :, j : j + 1].addcmul_(back, g[:, :, j + 1 : j + 2])
+            if want:  # grad decay gathers G_(j+1) conj(x_j) while both are in cache
+                acc.addcmul_(g[:, :, j + 1 : j + 2], x[:, :, j : j + 1].conj())
+        return g, (acc.sum(0) if want else None)
 
 
 def s4d_chunk_size(length: int) -> int:
@@ -82,6 +120,62 @@ def s4d_chunk_size(length: int) -> int:
     512, 512-16k tokens: the T x T Toeplitz per channel must stay small next to the input, the scan over L / T
     chunks short)."""
     return max(16, min(64, 1 << max(0, (math.isqrt(length) // 2).bit_length() - 1)))
+
+
+class _ChunkWeights(NamedTuple):
+    """What one chunk of T tokens does, per SSM (h of them, m modes): ``toeplitz`` (h, T, T), input s to output t
+    (tap t - s, skip included); ``to_end`` (h, T, 2m), input s to the chunk's end state as (re, im) pairs;
+    ``decay`` (h, 1, m) complex, Abar^T; ``response`` (h, 2m, T), the start state's (re, im) pairs to output t."""
+
+    toeplitz: torch.Tensor
+    to_end: torch.Tensor
+    decay: torch.Tensor
+    response: torch.Tensor
+
+
+def _chunk_weights(log_dt: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, c: torch.Tensor,
+                   skip: torch.Tensor | None, size: int) -> _ChunkWeights:
+    h = log_dt.shape[0]
+    dta_re, dta_im = _dta(log_dt, log_a_real, a_imag)
+    bb_re, bb_im = _bbar(dta_re, dta_im, log_dt)
+    c_re, c_im = c[..., 0].float(), c[..., 1].float()
+    taps = s4d_vandermonde(c_re * bb_re - c_im * bb_im, c_re * bb_im + c_im * bb_re, dta_re, dta_im, size)
+    if skip is not None:  # skip * u is tap 0 of the convolution
+        taps = taps + F.pad(skip.float().reshape(h, 1), (0, size - 1))
+    # Toeplitz (h, s, t) = taps[t - s], 0 for t < s: windows of the left-padded taps, rows reversed
+    toeplitz = F.pad(taps, (size - 1, 0)).unfold(-1, size, 1).flip(1)
+    t = torch.arange(size, device=log_dt.device)
+    mag, ang = (dta_re.unsqueeze(-1) * t).exp(), dta_im.unsqueeze(-1) * t  # Abar^t, (h, m, T)
+    p_re, p_im = mag * ang.cos(), mag * ang.sin()
+    # input s reaches the chunk's end state with Bbar Abar^(T-1-s): (h, m, s, 2), s reversed
+    to_end = torch.stack([bb_re.unsqueeze(-1) * p_re - bb_im.unsqueeze(-1) * p_im,
+                          bb_re.unsqueeze(-1) * p_im + bb_im.unsqueeze(-1) * p_re], dim=-1).flip(2)
+    decay = torch.complex(dta_re * size, dta_im * size).exp().unsqueeze(1)  # Abar^T, (h, 1, m)
+    # the state a chunk starts from reaches its output t with 2 C Abar^(t+1): Re(w x) = w_re x_re - w_im x_im
+    a_re, a_im = dta_re.exp() * dta_im.cos(), dta_re.exp() * dta_im.sin()
+    w_re, w_im = c_re * a_re - c_im * a_im, c_re * a_im + c_im * a_re  # C Abar
+    response = torch.stack([w_re.unsqueeze(-1) * p_re - w_im.unsqueeze(-1) * p_im,
+                            -(w_re.unsqueeze(-1) * p_im + w_im.unsqueeze(-1) * p_re)], dim=2)  # (h, m, 2, T)
+    return _ChunkWeights(toeplitz, to_end.transpose(1, 2).flatten(2), decay, 2 * response.flatten(1, 2))
+
+
+def _start_states(ends: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """(B, h, n, 2m) each chunk's end state from zero, (re, im) pairs -> the state each chunk starts from, same
+    layout: x_j = sum_(i <= j) Abar^(T (j - i)) local_i, shifted one chunk, x_(-1) = 0."""
+    bsz, h, n, pairs = ends.shape
+    local = _ChunkScan.apply(torch.view_as_complex(ends.view(bsz, h, n, pairs // 2, 2)), decay)
+    return F.pad(torch.view_as_real(local[:, :, :-1]).flatten(3), (0, 0, 1, 0))
+
+
+def _chunked_input(u: torch.Tensor, size: int) -> torch.Tensor:
+    """u (B, L, h) -> (B, h, n, T) fp32, channel-major, zero-padded to whole chunks (zeros after the end change
+    nothing before it)."""
+    bsz, length, h = u.shape
+    n = -(-length // size)
+    x = u.float()
+    if n * size > length:
+        x = F.pad(x, (0, 0, 0, n * size - length))
+    return _Transposed.apply(x).view(bsz, h, n, size)
 
 
 def s4d_chunked_conv(
@@ -102,38 +196,46 @@ def s4d_chunked_conv(
     """
     with torch.autocast(device_type=u.device.type, enabled=False):
         bsz, length, h = u.shape
-        m = log_a_real.shape[-1]
         size = min(chunk or s4d_chunk_size(length), length)
-        n = -(-length // size)
-        dta_re, dta_im = _dta(log_dt, log_a_real, a_imag)
-        bb_re, bb_im = _bbar(dta_re, dta_im, log_dt)
-        c_re, c_im = c[..., 0].float(), c[..., 1].float()
-        taps = s4d_vandermonde(c_re * bb_re - c_im * bb_im, c_re * bb_im + c_im * bb_re, dta_re, dta_im, size)
-        if skip is not None:  # skip * u is tap 0 of the convolution
-            taps = taps + F.pad(skip.float().reshape(h, 1), (0, size - 1))
-        # Toeplitz (h, s, t) = taps[t - s], 0 for t < s: windows of the left-padded taps, rows reversed
-        toeplitz = F.pad(taps, (size - 1, 0)).unfold(-1, size, 1).flip(1)
-        t = torch.arange(size, device=u.device)
-        mag, ang = (dta_re.unsqueeze(-1) * t).exp(), dta_im.unsqueeze(-1) * t  # Abar^t, (h, m, T)
-        p_re, p_im = mag * ang.cos(), mag * ang.sin()
-        # input s reaches the chunk's end state with Bbar Abar^(T-1-s): (h, s, m, 2) as (re, im) pairs
-        to_end = torch.stack([bb_re.unsqueeze(-1) * p_re - bb_im.unsqueeze(-1) * p_im,
-                              bb_re.unsqueeze(-1) * p_im + bb_im.unsqueeze(-1) * p_re], dim=-1).flip(2)
-        x = u.float()
-        if n * size > length:  # zeros after the end change nothing before it
-            x = F.pad(x, (0, 0, 0, n * size - length))
-        x = _Transposed.apply(x).view(bsz, h, n, size)
-        own = _rows_bmm(x, toeplitz)  # (B, h, n, T): each chunk's outputs from its own inputs
-        ends = _rows_bmm(x, to_end.transpose(1, 2).flatten(2))  # (B, h, n, 2m): its end state from zero
-        local = torch.view_as_complex(ends.view(bsz, h, n, m, 2))
-        decay = torch.complex(dta_re * size, dta_im * size).exp().view(h, 1, m)  # Abar^T
-        local = _ChunkScan.apply(local, decay)  # x_j = sum_(i <= j) Abar^(T (j - i)) local_i
-        start = F.pad(torch.view_as_real(local[:, :, :-1]).flatten(3), (0, 0, 1, 0))  # x_(j-1), x_(-1) = 0
-        # the state a chunk starts from reaches its output t with 2 C Abar^(t+1): Re(w x) = w_re x_re - w_im x_im
-        a_re, a_im = dta_re.exp() * dta_im.cos(), dta_re.exp() * dta_im.sin()
-        w_re, w_im = c_re * a_re - c_im * a_im, c_re * a_im + c_im * a_re  # C Abar
-        resp = torch.stack([w_re.unsqueeze(-1) * p_re - w_im.unsqueeze(-1) * p_im,
-                            -(w_re.unsqueeze(-1) * p_im + w_im.unsqueeze(-1) * p_re)], dim=2)  # (h, m, 2, T)
-        y = own + _rows_bmm(start, 2 * resp.flatten(1, 2))
-        y = y.view(bsz, h, n * size)
-        return _Transposed.apply(y[..., :length].contiguous() if n * size > length else y)
+        w = _chunk_weights(log_dt, log_a_real, a_imag, c, skip, size)
+        x = _chunked_input(u, size)
+        own = _rows_bmm(x, w.toeplitz)  # (B, h, n, T): each chunk's outputs from its own inputs
+        start = _start_states(_rows_bmm(x, w.to_end), w.decay)  # (B, h, n, 2m)
+        y = (own + _rows_bmm(start, w.response)).view(bsz, h, -1)
+        return _Transposed.apply(y[..., :length].contiguous() if y.shape[-1] > length else y)
+
+
+def s4d_chunked_bank(
+    log_dt: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, c: torch.Tensor, u: torch.Tensor,
+    filters: int, skip: torch.Tensor | None = None, chunk: int | None = None,
+) -> torch.Tensor:
+    """``filters`` = C S4D kernels per channel of u (B, L, D), all reading that channel (SSM d * C + f is filter
+    f of channel d, ``skip`` (D * C,)) -> (C, B, L, D) fp32, the layout MH's heads read: equal to
+    ``s4d_chunked_conv`` of u repeated C times per channel, rearranged, without repeating u.
+
+    Per channel, the C filters' Toeplitz and chunk-end weights sit side by side, so one matmul over the shared
+    input chunks makes all C outputs (and a gradient summed over the filters). The chunk-end states are
+    regrouped filter-major (half the output's size at T = 32), so the scan and the start-state response run per
+    SSM as in ``s4d_chunked_conv`` and land in (B, D, C, L); per-row 2-D transposes take that to (C, B, L, D).
+    ``chunk`` defaults to ``s4d_chunk_size(L)``.
+    """
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        bsz, length, dim = u.shape
+        size = min(chunk or s4d_chunk_size(length), length)
+        w = _chunk_weights(log_dt, log_a_real, a_imag, c, skip, size)
+        x = _chunked_input(u, size)  # (B, D, n, T)
+        n, pairs = x.shape[2], w.to_end.shape[-1]
+
+        def side_by_side(weight: torch.Tensor) -> torch.Tensor:  # (D * C, T, k) -> (D, T, C * k)
+            return weight.view(dim, filters, size, -1).transpose(1, 2).flatten(2)
+
+        ends = _rows_bmm(x, side_by_side(w.to_end))  # (B, D, n, C * 2m): every filter's chunk-end state
+        decay = w.decay.view(dim, 1, -1)  # (D, 1, C * m)
+        local = torch.view_as_complex(ends.view(bsz, dim, n, decay.shape[-1], 2))
+        start = F.pad(torch.view_as_real(_ChunkScan.apply(local, decay)[:, :, :-1]).flatten(3), (0, 0, 1, 0))
+        # unbind, not indexing: one gradient for all the filters, not a zero-filled full-size one per filter
+        starts = start.view(bsz, dim, n, filters, pairs).unbind(3)
+        toeplitz = w.toeplitz.view(dim, filters, size, size).unbind(1)
+        response = w.response.view(dim, filters, pairs, size).unbind(1)
+        ys = [_rows_baddbmm(_rows_bmm(s, r), x, t) for s, r, t in zip(starts, response, toeplitz)]
+        return _FiltersFirst.apply(length, *ys)
