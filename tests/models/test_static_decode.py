@@ -118,6 +118,8 @@ def test_compiled_static_decode_equals_dynamic(name):
             if t == 12:  # as an optimizer step would: in place, so the fused [q; q_cross; k; v] must be rebuilt
                 model.model.layers[0].attention.qkv.weight.mul_(1.5)
                 model.model.layers[0].ffn.up.weight.mul_(0.5)
+                ssm = next(layer.context.ssm for layer in model.model.layers if layer.context is not None)
+                ssm.kernel.c.mul_(2.0)  # and the SSM's discretised coefficients
             b = model(token[:, None], cache=static).logits  # first: the dynamic step would rebuild them itself
             a = model(token[:, None], cache=dynamic).logits
             worst = max(worst, float((a - b).abs().max()))
@@ -128,6 +130,22 @@ def test_compiled_static_decode_equals_dynamic(name):
         for token in ids_for(1, 4, seed=2).unbind(1):
             diff = model(token[:, None], cache=one).logits - model(token[:, None], cache=reference).logits
             assert float(diff.abs().max()) < 10 * TOL
+
+
+def test_compiled_step_refreshes_every_step_constant():
+    """Every method marked ``@step_constant`` in the model is found (the compiled step's eager refresh): each
+    layer's fused attention weights and FFN up weight, and each SSM's coefficients, and nothing else."""
+    from blockstate.layers.cache import step_constant_methods
+
+    model = model_for("bst-sh-s4")
+    layers = model.model.layers
+    found = sorted((type(m.__self__).__name__, m.__name__) for m in step_constant_methods(model))
+    attention, ffn = type(layers[0].attention).__name__, type(layers[0].ffn).__name__
+    ssms = sum(layer.context is not None for layer in layers)
+    assert ssms > 0
+    expected = ([(attention, "_step_weights")] * len(layers) + [(ffn, "step_up_weight")] * len(layers)
+                + [("LongConvSSM", "_step_coefficients")] * ssms)
+    assert found == sorted(expected)
 
 
 def test_compile_decode_needs_the_static_cache():

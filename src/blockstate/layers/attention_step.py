@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blockstate.layers.cache import LayerCache, cached_on, gather_positions, grow, no_grad_step
+from blockstate.layers.cache import LayerCache, cached_on, gather_positions, grow, no_grad_step, step_constant
 from blockstate.layers.common import apply_rope, rope_cos_sin
 
 
@@ -145,6 +145,7 @@ class BlockAttentionStep:
     def fused_step(self) -> bool:
         return not self.attend_previous_block and self.context in (None, "aligned")
 
+    @step_constant
     def _step_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[q; q_cross; k; v] transposed, (D, G*D), and the context's [k; v] projection with all keys first,
         (D, 2D) (MH: the per-head parameter itself), from the parameters: ``h @ w`` is one product."""

@@ -132,6 +132,23 @@ def gather_positions(x: torch.Tensor, starts: torch.Tensor, count: int) -> torch
     return x.gather(1, index)
 
 
+def step_constant(method):
+    """Marks a module's method that returns a decoding constant through ``cached_on`` and takes no arguments, so
+    a compiled step's caller can rebuild every such constant eagerly first (``step_constant_methods``)."""
+    method._step_constant = True
+    return method
+
+
+def step_constant_methods(module: torch.nn.Module) -> list:
+    """The bound ``@step_constant`` methods of ``module`` and its submodules: what to call, eagerly, before a
+    compiled decoding step, which cannot trace ``cached_on``'s data-pointer check (``StaticDecoder``)."""
+    found = []
+    for m in module.modules():
+        names = {n for cls in type(m).__mro__ for n, v in vars(cls).items() if getattr(v, "_step_constant", False)}
+        found.extend(getattr(m, n) for n in sorted(names))
+    return found
+
+
 def cached_on(owner, name: str, params, build):
     """``build()``, kept on ``owner`` (a module) until one of ``params`` is moved, cast, replaced or updated in
     place: constants a decoding step derives from parameters (fused weights, discretised SSMs) are computed once,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockstate.layers.cache import cached_on
+from blockstate.layers.cache import cached_on, step_constant
 
 
 class RMSNorm(nn.Module):
@@ -54,6 +54,7 @@ class FeedForward(nn.Module):
         hidden = torch.mm(x, up) if up is not self.up.weight else F.linear(x, up)
         return F.linear(F.gelu(hidden), self.down.weight)
 
+    @step_constant
     def step_up_weight(self) -> torch.Tensor:
         """The up projection as ``step`` reads it: a (D, intermediate) copy where that side is the longer."""
         up = self.up.weight

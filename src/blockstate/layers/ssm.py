@@ -20,7 +20,7 @@ import torch
 import transformers.initialization as init
 from torch import nn
 
-from blockstate.layers.cache import cached_on, grow, no_grad_step
+from blockstate.layers.cache import cached_on, grow, no_grad_step, step_constant
 from blockstate.ops import (
     decay_rates,
     exponential_decay,
@@ -70,13 +70,10 @@ class S4DKernel(nn.Module):
         for name, value in values.items():
             init.copy_(getattr(self, name), value)
 
-    def forward(self, length: int, channels: tuple[int, int] | None = None) -> torch.Tensor:
-        """(D, C, length) kernels; ``channels=(c0, c1)``: only those channels', (c1 - c0, C, length), generated
-        alone (SSM d * C + f is filter f of channel d, so channels c0..c1-1 are one contiguous range of SSMs)."""
-        c0, c1 = channels if channels is not None else (0, self.channels)
-        rows = slice(c0 * self.filters, c1 * self.filters)
-        k = s4d_kernel(self.log_dt[rows], self.log_a_real[rows], self.a_imag[rows], self.c[rows], length)
-        return k.view(c1 - c0, self.filters, length)
+    def forward(self, length: int) -> torch.Tensor:
+        """(D, C, length) kernels (SSM d * C + f is filter f of channel d)."""
+        k = s4d_kernel(self.log_dt, self.log_a_real, self.a_imag, self.c, length)
+        return k.view(self.channels, self.filters, length)
 
 
 class _Sin(nn.Module):
@@ -319,6 +316,7 @@ class LongConvSSM(nn.Module):
         y = (torch.view_as_real(x) * c).sum((-2, -1))
         return torch.addcmul(y, self.skip.float(), u.unsqueeze(-1))
 
+    @step_constant
     def _step_coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """S4D's discretised (Abar, Bbar) as (D, C, m) complex and 2 (Re C, -Im C) as (D, C, m, 2) real, computed
         once per parameter version instead of per token."""

@@ -34,6 +34,7 @@ import types
 import torch
 
 from blockstate.layers.bst import BlockTransformerLayer
+from blockstate.layers.cache import step_constant_methods
 
 STATIC_BLOCK_LIMIT = 4096  # a "block" longer than this is full attention: its buffer grows with the context
 
@@ -96,6 +97,7 @@ class StaticDecoder:
         self.use_graph = device.type == "cuda" if graph is None else bool(graph and device.type == "cuda")
         self.graph: torch.cuda.CUDAGraph | None = None
         self.compiled = _compiled_body(model) if compile else None
+        self.constants = step_constant_methods(model) if compile else []  # every layer's, found once
         self._prepare()
 
     @torch.no_grad()
@@ -146,12 +148,8 @@ class StaticDecoder:
     def _refresh(self) -> None:
         """Rebuild, eagerly, the constants the step derives from the parameters where a parameter changed (the
         compiled step reads them as they are: it cannot trace the data-pointer check)."""
-        for layer in self.model.model.layers:
-            layer.attention._step_weights()
-            if hasattr(layer.ffn, "step_up_weight"):
-                layer.ffn.step_up_weight()
-            if layer.context is not None:
-                layer.context.ssm._step_coefficients()
+        for build in self.constants:
+            build()
 
     def _run(self) -> torch.Tensor:
         if self.compiled is None or self.steps == 0:  # the first token builds the lazy tables eagerly

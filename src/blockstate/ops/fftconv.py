@@ -16,8 +16,6 @@ first L outputs, and ``causal_conv_reference`` is the oracle the tests compare a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -82,27 +80,25 @@ def channel_group(filters: int, n: int) -> int:
 
 
 def fft_causal_conv_tokens(
-    u: torch.Tensor, kernel: torch.Tensor | Callable[[int, int], torch.Tensor], skip: torch.Tensor | None = None,
-    group: int | None = None,
+    u: torch.Tensor, kernel: torch.Tensor, skip: torch.Tensor | None = None, group: int | None = None
 ) -> torch.Tensor:
     """``fft_causal_conv`` in the token-major layout: u (B, L, D) -> y (C, B, L, D) fp32, contiguous, equal to
     ``fft_causal_conv(u.transpose(1, 2), k, skip).permute(2, 0, 3, 1)``.
 
-    ``kernel`` is the (D, C, Lk) bank (or (D, Lk)), or a function ``(c0, c1) -> (c1 - c0, C, Lk)`` giving the
-    filters of channels c0..c1-1, so a generated kernel is made group by group too. The whole-tensor form made
-    (B, D, C, n) spectra and padded outputs far larger than the cache (at 16k, D = 512, every pass over them
-    went to memory) and then transposed the (B, D, C, L) result for the layers; here every group of ``group``
-    channels goes through its rfft, product and irfft while it is in cache, and lands in the output's layout.
+    ``kernel`` is the (D, C, Lk) bank (or (D, Lk)). The whole-tensor form made (B, D, C, n) spectra and padded
+    outputs far larger than the cache (at 16k, D = 512, every pass over them went to memory) and then transposed
+    the (B, D, C, L) result for the layers; here every group of ``group`` channels goes through its rfft,
+    product and irfft while it is in cache, and lands in the output's layout.
     """
     length, channels = u.shape[1], u.shape[2]
     n = fft_size(length)
-    if group is None:  # a kernel function's filter count is not known here: assume one per channel
-        group = channel_group(kernel.shape[1] if not callable(kernel) and kernel.dim() == 3 else 1, n)
+    if group is None:
+        group = channel_group(kernel.shape[1] if kernel.dim() == 3 else 1, n)
     with torch.autocast(device_type=u.device.type, enabled=False):
         pieces, out = [], None
         for c0 in range(0, channels, group):
             c1 = min(channels, c0 + group)
-            k = kernel(c0, c1) if callable(kernel) else kernel[c0:c1]
+            k = kernel[c0:c1]
             k = k.unsqueeze(1) if k.dim() == 2 else k  # (c, C, Lk)
             k32 = F.pad(_fit_kernel(k.float(), length), (0, n - length))
             if skip is not None:  # skip * u as tap 0 of the kernel, as in fft_causal_conv
