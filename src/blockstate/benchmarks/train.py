@@ -44,9 +44,9 @@ from blockstate.benchmarks.flops import mfu, peak_bf16_flops, step_flops
 from blockstate.benchmarks.layers import parse_lengths, peak_bytes
 from blockstate.benchmarks.train_contestants import Contestant, build, make_batch, make_step, state_bytes, visit
 from blockstate.benchmarks.train_report import plot, table
+from blockstate.training.config import CPU_MALLOC, PRECISIONS
 
 DEFAULT_LENGTHS = "1k,4k,16k"
-PRECISIONS = ("auto", "fp32", "bf16")
 CPU_TIME_LIMIT = 30.0  # seconds per step; a model past it is not run at longer lengths
 
 
@@ -246,6 +246,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="as blockstate train: auto = bf16 autocast where bf16 is native (default auto)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--cpu-malloc", choices=CPU_MALLOC, default="keep",
+                   help="as blockstate train: keep = glibc's malloc keeps freed memory for reuse (default keep)")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory pass")
     p.add_argument("--checkpointing", action="store_true",
                    help="also measure each point with gradient checkpointing: peak memory saved, step time")
@@ -311,6 +313,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
     limit = args.time_limit if args.time_limit is not None else (CPU_TIME_LIMIT if device.type == "cpu" else None)
+    if device.type == "cpu" and args.cpu_malloc == "keep":  # what blockstate train does on CPU
+        from blockstate.runtime.device import keep_freed_memory
+
+        keep_freed_memory()
     info = machine()
     print(f"bench train on {info['device']}, torch {info['torch']}, {info['threads']} threads, size {args.size}: "
           f"{', '.join(names)}")
@@ -323,6 +329,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     precision = f"{args.precision} ({'bf16 autocast' if use_bf16(args.precision, device) else 'fp32'})"
     payload = {"benchmark": "train", "size": args.size, "batch_size": args.batch_size, "lengths": lengths,
                "steps": args.steps, "warmup": max(1, args.warmup), "precision": precision, "device": device.type,
+               "cpu_malloc": args.cpu_malloc if device.type == "cpu" else None,
                "time_limit_s": limit, "machine": info,
                "parameters": {n: rows[0]["parameters"] for n, rows in grid["results"].items() if rows},
                "command": command_line(args), **grid}

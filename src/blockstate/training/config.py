@@ -29,6 +29,7 @@ OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "inverse-sqrt", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+CPU_MALLOC = ("keep", "system")  # runtime.device.keep_freed_memory, or glibc's defaults
 PARALLEL = ("none", "ddp", "fsdp")
 
 # Used when neither --steps, --tokens nor --time-budget is given. A token count, not a time: a wall-clock default
@@ -141,6 +142,10 @@ class TrainConfig:
                                                 "same gradients")
     # run
     device: str = setting("auto", kind="choice", choices=DEVICES, group="run", mutable=True)
+    cpu_malloc: str = setting("keep", kind="choice", choices=CPU_MALLOC, group="run", mutable=True,
+                              help="on CPU: keep = glibc's malloc keeps freed memory for reuse, so a step's large "
+                                   "temporaries are not page-faulted in again every step (faster; the process "
+                                   "keeps its peak memory); system = glibc's defaults")
     parallel: str = setting("none", kind="choice", choices=PARALLEL, group="run", mutable=True,
                             help="under torchrun: ddp or fsdp")
     output: str | None = setting(kind="str", nullable=True, group="run", mutable=True,

@@ -36,7 +36,7 @@ from blockstate.evaluation.evaluate import EvalResult, evaluate, head_documents
 from blockstate.models.modeling_blockstate import enable_gradient_checkpointing
 from blockstate.registry import carries_state
 from blockstate.runtime import checkpoint as ckpt_io
-from blockstate.runtime.device import autocast_factory, use_bf16
+from blockstate.runtime.device import autocast_factory, keep_freed_memory, use_bf16
 from blockstate.training import distributed as D
 from blockstate.training import setup
 from blockstate.training.checkpointing import CheckpointManager
@@ -147,6 +147,8 @@ class Trainer:
         self._new_dirs = []  # from here on the directory is the run's, and kept
         run_id = setup.open_run(cfg, info, self.run_dir, resume_ckpt, saved, self.overwrite)
         model.to(info.device)
+        if info.device.type == "cpu" and cfg.cpu_malloc == "keep":
+            keep_freed_memory()
         if cfg.gradient_checkpointing:  # before the wrapper: each layer is recomputed in the backward
             enable_gradient_checkpointing(model)
         groups = group_of_parameters(model)
