@@ -1,4 +1,5 @@
-"""S4D's convolution through its state, chunk by chunk: the fast path of the SH layer's SSM (issue 16).
+"""S4D's convolution through its state, chunk by chunk: the fast path of the SH layer's SSM (issue 16), and
+of MH's bank of filters per channel (``s4d_chunked_bank``).
 
 ``s4d_chunked_conv`` equals ``fft_causal_conv(u, s4d_kernel(...))`` (its oracle, with ``causal_conv_reference``
 behind that) up to fp32 rounding; both sit within the same distance of the exact kernel's convolution. Where
@@ -214,9 +215,9 @@ def s4d_chunked_bank(
     ``s4d_chunked_conv`` of u repeated C times per channel, rearranged, without repeating u.
 
     Per channel, the C filters' Toeplitz and chunk-end weights sit side by side, so one matmul over the shared
-    input chunks makes all C outputs (and a gradient summed over the filters). The chunk-end states are
-    regrouped filter-major (half the output's size at T = 32), so the scan and the start-state response run per
-    SSM as in ``s4d_chunked_conv`` and land in (B, D, C, L); per-row 2-D transposes take that to (C, B, L, D).
+    input chunks makes all C outputs (and a gradient summed over the filters). The chunk-end states are scanned
+    in the (B, D, n, C * m) layout that matmul makes; each filter's start-state response and own-chunk product
+    then make its (B, D, n, T) output, and per-row 2-D transposes take those to (C, B, L, D).
     ``chunk`` defaults to ``s4d_chunk_size(L)``.
     """
     with torch.autocast(device_type=u.device.type, enabled=False):
