@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from helpers.distributed import clip_worker, free_port, tiny_lm
+from helpers.distributed import clip_worker, run_ranks, tiny_lm
 from helpers.models import VOCAB, small_config, small_overrides
 from helpers.training import TINY_ARGV as TINY
 from helpers.training import write_corpus
@@ -174,13 +174,7 @@ def test_fsdp_clipping_uses_the_global_norm_even_when_the_norm_comes_back_partia
     x = torch.randint(0, VOCAB, (4, 32))
     (0.5 * (model(x[:2], labels=x[:2]).loss + model(x[2:], labels=x[2:]).loss)).backward()
     reference = float(clip_gradients(model, 0.0))  # the global norm, nothing clipped
-    ctx = torch.multiprocessing.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    torch.multiprocessing.start_processes(clip_worker, args=(2, free_port(), 0.01, reference, errors), nprocs=2,
-                                          start_method="spawn")
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
+    messages = run_ranks(clip_worker, 0.01, reference)
     assert not messages, messages
 
 

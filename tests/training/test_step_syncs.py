@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from helpers.distributed import free_port, skip_worker
+from helpers.distributed import run_ranks, skip_worker
 from helpers.syncs import DEVICE, counting
 from helpers.training import TINY_YAML, InfGrad, write_corpus
 
@@ -145,13 +145,7 @@ def test_a_non_finite_step_leaves_weights_and_optimiser_state_bit_identical(monk
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_every_rank_skips_when_one_rank_is_not_finite(parallel):
     """2 gloo processes, the loss NaN on rank 1 only: both skip (the flag is all-reduced), bit for bit."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    torch.multiprocessing.start_processes(skip_worker, args=(2, free_port(), parallel, errors), nprocs=2,
-                                          start_method="spawn")
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
+    messages = run_ranks(skip_worker, parallel)
     assert not messages, messages
 
 
