@@ -4,7 +4,6 @@ from blockstate.ops.dss import dss_as_s4d, dss_init, dss_kernel, dss_kernel_refe
 from blockstate.ops.fftconv import causal_conv_reference, fft_causal_conv, fft_causal_conv_tokens, fft_size
 from blockstate.ops.implicit import decay_rates, exponential_decay, positional_features, squash_smooth
 from blockstate.ops.s4d import (
-    s4d_block_ends,
     s4d_discretize,
     s4d_final_state,
     s4d_init,
@@ -15,7 +14,7 @@ from blockstate.ops.s4d import (
     s4d_update_,
     s4d_vandermonde,
 )
-from blockstate.ops.s4d_chunked import s4d_chunk_size, s4d_chunked_bank, s4d_chunked_conv
+from blockstate.ops.s4d_chunked import s4d_block_ends, s4d_chunk_size, s4d_chunked_bank, s4d_chunked_conv
 
 __all__ = [
     "causal_conv_reference",

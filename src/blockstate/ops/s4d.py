@@ -132,55 +132,6 @@ def _bbar(dta_re: torch.Tensor, dta_im: torch.Tensor, log_dt: torch.Tensor) -> t
     return dt * phi_re, dt * phi_im
 
 
-def s4d_block_ends(
-    log_dt: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, c: torch.Tensor, u: torch.Tensor,
-    block: int,
-) -> torch.Tensor:
-    """The convolution's output (without the skip term) at the last position of every block, computed through
-    the state instead of the whole output: u (B, D, n * block) with ``h = D * F`` SSMs (F filters per channel,
-    filter f of channel d at index d * F + f) -> (B, D, F, n).
-
-    BST:MF keeps only these n outputs of its F filters. The FFT path would make (B, D, F, L) outputs (F = 32 in the
-    paper) to throw all but 1/W of them away; here each block's input moves the state through one real matmul over
-    the block (x_k = Abar^W x_(k-1) + sum_i Abar^(W-1-i) Bbar u_(kW+i)), about the cost of one D x D projection,
-    then a scan over the n blocks. Equal to ``fft_causal_conv(u, s4d_kernel(...))[..., block-1::block]``.
-    """
-    with torch.autocast(device_type=log_dt.device.type, enabled=False):
-        bsz, channels, total = u.shape
-        n = total // block
-        h, m = log_a_real.shape
-        filters = h // channels
-        dta_re, dta_im = _dta(log_dt, log_a_real, a_imag)
-        bb_re, bb_im = _bbar(dta_re, dta_im, log_dt)
-        # weights Bbar Abar^lag for lag = W-1-i of input i, laid out (D, lag, F, m): with lag = q c + r only
-        # (h, m, W/c + c) exponentials, then one broadcast complex product (the costly part at short L)
-        c_lo = 1 << max(0, (math.isqrt(block) - 1).bit_length())
-        c_hi = -(-block // c_lo)
-
-        def powers(lags: torch.Tensor) -> torch.Tensor:  # (h, m) -> (D, len(lags), F, m)
-            mag, ang = (dta_re.unsqueeze(-1) * lags).exp(), dta_im.unsqueeze(-1) * lags
-            z = torch.complex(mag * ang.cos(), mag * ang.sin())
-            return z.view(channels, filters, m, -1).permute(0, 3, 1, 2).contiguous()  # so the product is too
-
-        arange = torch.arange(max(c_lo, c_hi), device=u.device, dtype=torch.float32)
-        bbar = torch.complex(bb_re, bb_im).view(channels, 1, filters, m)
-        hi, lo = powers(arange[:c_hi] * c_lo) * bbar, powers(arange[:c_lo])
-        weights = (hi.unsqueeze(2) * lo.unsqueeze(1)).flatten(1, 2)[:, :block]  # (D, W, F, m) complex
-        weights = torch.view_as_real(weights).flatten(2)  # (D, W, F*m*2)
-        # input i meets lag W-1-i: reverse each block's inputs (cheap) rather than the weights
-        blocks = u[..., : n * block].float().reshape(bsz, channels, n, block).flip(-1).transpose(0, 1).flatten(1, 2)
-        local = torch.bmm(blocks, weights).view(channels, bsz, n, filters, m, 2)  # (D, B*n, W) @ (D, W, F*m*2)
-        local = torch.view_as_complex(local)  # (D, B, n, F, m)
-        decay = torch.complex(dta_re * block, dta_im * block).exp().view(channels, 1, filters, m)  # Abar^W
-        cc = 2 * torch.view_as_complex(c.float().contiguous()).view(channels, 1, filters, m)
-        state = torch.zeros_like(local[:, :, 0])
-        outputs = []
-        for k in range(n):  # n = L / W steps of elementwise work on (D, B, F, m): small next to the matmul
-            state = decay * state + local[:, :, k]
-            outputs.append((state * cc).real.sum(-1))  # y = 2 Re(C x) at the block's last position
-        return torch.stack(outputs, dim=-1).transpose(0, 1)  # (B, D, F, n)
-
-
 def s4d_state_response(
     log_dt: torch.Tensor, log_a_real: torch.Tensor, a_imag: torch.Tensor, c: torch.Tensor, x0: torch.Tensor,
     length: int,
