@@ -89,7 +89,7 @@ def _trained(name: str) -> torch.nn.Module:
 
 
 def _ssm_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """Every parameter of a ``LongConvSSM``, by name (from_pretrained does not keep the ``_ssm`` tags)."""
+    """Every parameter of a ``LongConvSSM``, by name."""
     return [(n, p) for n, p in model.named_parameters() if ".ssm." in n]
 
 

@@ -1,5 +1,6 @@
 """Unit tests of blockstate.training: config, model names, parameter groups, schedules, checkpoints."""
 
+import copy
 import errno
 import json
 import math
@@ -87,6 +88,18 @@ def test_parameter_groups_and_learning_rates():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     set_lr(opt, 0.5)
     assert by_name["ssm"]["lr"] == 5e-4 and by_name["decay"]["lr"] == 1.5e-3
+
+
+@pytest.mark.parametrize("name", ["bst-sh-s4", "bst-mh-unstructured", "gss-hybrid"])
+def test_parameter_groups_survive_from_pretrained_and_deepcopy(name, tmp_path):
+    """The SSM marks live on the layers, not on the parameter objects that from_pretrained replaces: a loaded
+    or copied model trains its SSM with the SSM's learning rate."""
+    model = build_model(name, size="tiny")
+    groups = group_of_parameters(model)
+    assert "ssm" in groups.values()
+    model.save_pretrained(tmp_path)
+    assert group_of_parameters(type(model).from_pretrained(tmp_path)) == groups
+    assert group_of_parameters(copy.deepcopy(model)) == groups
 
 
 def test_schedules():

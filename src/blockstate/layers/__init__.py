@@ -3,7 +3,15 @@
 from blockstate.layers.attention import BlockAttention, previous_block_mask
 from blockstate.layers.bst import VARIANTS, BlockTransformerLayer, BSTLayer, ContextStates, SSMStreamLayer
 from blockstate.layers.common import FeedForward, RMSNorm
-from blockstate.layers.ssm import KERNELS, ExplicitKernel, ImplicitKernel, LongConvSSM, S4DKernel, make_kernel
+from blockstate.layers.ssm import (
+    KERNELS,
+    ExplicitKernel,
+    ImplicitKernel,
+    LongConvSSM,
+    S4DKernel,
+    make_kernel,
+    ssm_parameter_names,
+)
 
 __all__ = [
     "KERNELS",
@@ -21,4 +29,5 @@ __all__ = [
     "S4DKernel",
     "make_kernel",
     "previous_block_mask",
+    "ssm_parameter_names",
 ]

@@ -60,7 +60,7 @@ class DSSKernel(nn.Module):
         self.log_lambda_re = nn.Parameter(torch.empty(state_size))
         self.lambda_im = nn.Parameter(torch.empty(state_size))
         self.w = nn.Parameter(torch.empty(channels, state_size, 2))
-        _tag_ssm(self.log_dt, self.log_lambda_re, self.lambda_im, self.w)
+        _tag_ssm(self, "log_dt", "log_lambda_re", "lambda_im", "w")
         self.init_parameters()
 
     @torch.no_grad()

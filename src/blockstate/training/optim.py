@@ -6,7 +6,8 @@ Three groups:
 - ``no_decay``: norms, biases, embeddings (the tied LM head included), the MF variant's learned context
   vectors and the Block-Recurrent layer's initial state and state IDs: full learning rate, no weight decay
   (decaying them only shrinks scales the norms undo; meliad exempts BRecT's state vectors too);
-- ``ssm``: parameters tagged ``p._ssm`` (S4D's A, B/C, dt; implicit-filter MLPs; explicit kernels; D skip):
+- ``ssm``: parameters marked by their layers (``layers.ssm_parameter_names``: S4D's A, B/C, dt; implicit-filter
+  MLPs; explicit kernels; D skip):
   a lower learning rate and no weight decay, as in S4 / Hyena, whose kernels diverge at transformer rates.
 
 The schedule is a pure function of the step, so resuming needs only the step number.
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from blockstate.layers import ssm_parameter_names
 from blockstate.training.config import TrainConfig
 
 DEFAULT_SSM_LR_CAP = 1e-3
@@ -28,11 +30,12 @@ NO_DECAY_NAMES = ("initial_context", "context_ids", "initial_state", "state_ids"
 
 def group_of_parameters(model: nn.Module) -> dict[str, str]:
     """Parameter name -> ``decay`` / ``no_decay`` / ``ssm`` (computed on the unwrapped model, before FSDP
-    replaces the parameters and their ``_ssm`` tags)."""
+    replaces the parameters)."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    ssm = ssm_parameter_names(model)
     groups = {}
     for name, p in model.named_parameters():
-        if getattr(p, "_ssm", False):
+        if name in ssm:
             groups[name] = "ssm"
         elif p.ndim < 2 or id(p) in embedding_ids or name.endswith(NO_DECAY_NAMES):
             groups[name] = "no_decay"
