@@ -115,7 +115,7 @@ class Trainer:
     def _release_process_group(self) -> None:
         """Free what holds the process group (DDP's reducer) before it is destroyed: a gloo group whose last holder
         goes after ``destroy_process_group`` can deadlock in its destructor, and the process never exits (torch
-        2.13: 2 of 16 spawned 2-rank DDP tests hung in ``~ProcessGroupGloo`` under ``~Reducer``)."""
+        2.13: 2 of 17 spawned 2-rank DDP tests hung in ``~ProcessGroupGloo`` under ``~Reducer``)."""
         for name in ("parts", "checkpoints", "eval_model"):
             self.__dict__.pop(name, None)
         gc.collect()
