@@ -8,6 +8,7 @@ import torch
 from blockstate.ops import (
     causal_conv_reference,
     fft_causal_conv,
+    s4d_block_ends,
     s4d_chunk_size,
     s4d_chunked_bank,
     s4d_chunked_conv,
@@ -15,7 +16,7 @@ from blockstate.ops import (
     s4d_kernel,
     s4d_kernel_reference,
 )
-from blockstate.ops.s4d_chunked import _ChunkScan
+from blockstate.ops.s4d_chunked import _ChunkScan, _log_depth_scan
 
 
 def _params(h: int, state_size: int = 16, init: str = "lin", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -112,6 +113,32 @@ def test_chunk_scan_gradient():
         state = decay[:, 0] * state + local[:, :, j]
         x.append(state)
     torch.testing.assert_close(_ChunkScan.apply(local, decay), torch.stack(x, 2))
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 7, 8, 33])
+def test_log_depth_scan_equals_the_chunk_scan(chunks):
+    """The scan a compiled graph takes (log2(n) steps) against the eager one, values and gradients."""
+    g = torch.Generator().manual_seed(chunks)
+    local = torch.randn(2, 3, chunks, 4, dtype=torch.complex128, generator=g).requires_grad_()
+    decay = (0.9 * torch.exp(1j * torch.randn(3, 1, 4, dtype=torch.float64, generator=g))).requires_grad_()
+    eager, fast = _ChunkScan.apply(local, decay), _log_depth_scan(local, decay)
+    torch.testing.assert_close(fast, eager)
+    w = torch.randn(eager.shape, dtype=torch.complex128, generator=g)
+    want = torch.autograd.grad((eager * w).real.sum(), [local, decay])
+    got = torch.autograd.grad((fast * w).real.sum(), [local, decay], materialize_grads=True)  # 1 chunk: no decay
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_compiled_chunked_conv_takes_the_log_depth_scan():
+    """Under torch.compile (one graph) the chunked conv and MF's block ends equal their eager values."""
+    p = s4d_init(6, 16, generator=torch.Generator().manual_seed(3))
+    u = torch.randn(2, 96, 6, generator=torch.Generator().manual_seed(4))  # (B, L, h): 12 chunks of 8
+    conv = torch.compile(s4d_chunked_conv, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(conv(**p, u=u, chunk=8), s4d_chunked_conv(**p, u=u, chunk=8))
+    u = u[..., :3].transpose(1, 2)  # (B, D, L): 3 channels x 2 filters, 6 blocks of 16
+    ends = torch.compile(s4d_block_ends, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(ends(**p, u=u, block=16), s4d_block_ends(**p, u=u, block=16))
 
 
 def test_chunk_size_grows_with_length():

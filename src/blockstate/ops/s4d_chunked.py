@@ -117,6 +117,25 @@ class _ChunkScan(torch.autograd.Function):
         return g, (acc.sum(0) if want else None)
 
 
+def _log_depth_scan(local: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """``_ChunkScan``'s result in log2(n) whole-tensor steps of plain autograd ops (Hillis-Steele; the decay is
+    the same for every chunk, so step k adds decay^k x_(j-k)): the path under ``torch.compile``."""
+    x, power, k = local, decay, 1
+    while k < x.shape[2]:
+        x = torch.cat([x[:, :, :k], x[:, :, k:] + power * x[:, :, :-k]], dim=2)
+        power, k = power * power, 2 * k
+    return x
+
+
+def _chunk_scan(local: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """The chunk scan: eagerly ``_ChunkScan`` (n - 1 in-place steps, in cache). Traced by ``torch.compile`` its
+    loops would unroll into n - 1 steps forward and backward (compiling one SH layer at 2k tokens took 111 s
+    against 71 s at 512), so a compiled graph takes the log-depth scan instead: one graph, log2(n) steps."""
+    if torch.compiler.is_compiling():
+        return _log_depth_scan(local, decay)
+    return _ChunkScan.apply(local, decay)
+
+
 def s4d_chunk_size(length: int) -> int:
     """T for ``s4d_chunked_conv``: about sqrt(L) / 2 as a power of two in [16, 64] (measured on CPU, D = 256 and
     512, 512-16k tokens: the T x T Toeplitz per channel must stay small next to the input, the scan over L / T
@@ -165,7 +184,7 @@ def _start_states(ends: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
     """(B, h, n, 2m) each chunk's end state from zero, (re, im) pairs -> the state each chunk starts from, same
     layout: x_j = sum_(i <= j) Abar^(T (j - i)) local_i, shifted one chunk, x_(-1) = 0."""
     bsz, h, n, pairs = ends.shape
-    local = _ChunkScan.apply(torch.view_as_complex(ends.view(bsz, h, n, pairs // 2, 2)), decay)
+    local = _chunk_scan(torch.view_as_complex(ends.view(bsz, h, n, pairs // 2, 2)), decay)
     return F.pad(torch.view_as_real(local[:, :, :-1]).flatten(3), (0, 0, 1, 0))
 
 
@@ -234,7 +253,7 @@ def s4d_chunked_bank(
         ends = _rows_bmm(x, side_by_side(w.to_end))  # (B, D, n, C * 2m): every filter's chunk-end state
         decay = w.decay.view(dim, 1, -1)  # (D, 1, C * m)
         local = torch.view_as_complex(ends.view(bsz, dim, n, decay.shape[-1], 2))
-        start = F.pad(torch.view_as_real(_ChunkScan.apply(local, decay)[:, :, :-1]).flatten(3), (0, 0, 1, 0))
+        start = F.pad(torch.view_as_real(_chunk_scan(local, decay)[:, :, :-1]).flatten(3), (0, 0, 1, 0))
         # unbind, not indexing: one gradient for all the filters, not a zero-filled full-size one per filter
         starts = start.view(bsz, dim, n, filters, pairs).unbind(3)
         toeplitz = w.toeplitz.view(dim, filters, size, size).unbind(1)
@@ -286,6 +305,6 @@ def s4d_block_ends(
         decay = torch.complex(dta_re * block, dta_im * block).exp().view(channels, 1, filters * m)  # Abar^W
         # x_k = Abar^W x_(k-1) + local_k, the hand-written scan: a loop of ``state = decay * state + local[:, :, k]``
         # under autograd made a zero-filled gradient of all of ``local`` per block (quadratic in L)
-        states = _ChunkScan.apply(local, decay).view(bsz, channels, n, filters, m)
+        states = _chunk_scan(local, decay).view(bsz, channels, n, filters, m)
         cc = 2 * torch.view_as_complex(c.float().contiguous()).view(channels, 1, filters, m)
         return (states * cc).real.sum(-1).transpose(2, 3)  # y = 2 Re(C x) at each block's end: (B, D, F, n)
