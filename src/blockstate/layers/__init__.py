@@ -2,7 +2,7 @@
 
 from blockstate.layers.attention import BlockAttention, previous_block_mask
 from blockstate.layers.bst import VARIANTS, BlockTransformerLayer, BSTLayer, ContextStates, SSMStreamLayer
-from blockstate.layers.common import FeedForward, RMSNorm
+from blockstate.layers.common import FeedForward, RMSNorm, ssm_parameter_names
 from blockstate.layers.ssm import (
     KERNELS,
     ExplicitKernel,
@@ -10,7 +10,6 @@ from blockstate.layers.ssm import (
     LongConvSSM,
     S4DKernel,
     make_kernel,
-    ssm_parameter_names,
 )
 
 __all__ = [

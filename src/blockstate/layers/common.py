@@ -1,4 +1,5 @@
-"""Small shared building blocks: RMSNorm, the feed-forward network, rotary positions, block reshaping."""
+"""Small shared building blocks: RMSNorm, the feed-forward network, rotary positions, block reshaping, and the
+marks on SSM parameters (``tag_ssm`` / ``ssm_parameter_names``)."""
 
 from __future__ import annotations
 
@@ -97,3 +98,19 @@ def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 def from_blocks(x: torch.Tensor, length: int) -> torch.Tensor:
     """(B, nb, W, ...) -> (B, L, ...), dropping the padded tail."""
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])[:, :length]
+
+
+def tag_ssm(module: nn.Module, *names: str) -> None:
+    """Mark ``module``'s parameters ``names`` (dotted, below it) as SSM parameters: a lower learning rate and no
+    weight decay (``training.optim``). The names live on the module, so the mark survives ``from_pretrained`` (which
+    replaces every parameter), ``copy.deepcopy`` and FSDP; ``p._ssm`` on the parameter itself is kept for readers
+    of a freshly built model."""
+    module._ssm_parameters = (*getattr(module, "_ssm_parameters", ()), *names)
+    for name in names:
+        module.get_parameter(name)._ssm = True
+
+
+def ssm_parameter_names(model: nn.Module) -> set[str]:
+    """The names, as ``model.named_parameters()`` gives them, of every parameter marked by ``tag_ssm``."""
+    return {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+            for name in getattr(module, "_ssm_parameters", ())}

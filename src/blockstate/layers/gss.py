@@ -42,8 +42,8 @@ import transformers.initialization as init
 from torch import nn
 
 from blockstate.layers.cache import LayerCache
-from blockstate.layers.common import RMSNorm
-from blockstate.layers.ssm import LongConvSSM, S4DKernel, _tag_ssm, kernel_from_config
+from blockstate.layers.common import RMSNorm, tag_ssm
+from blockstate.layers.ssm import LongConvSSM, S4DKernel, kernel_from_config
 from blockstate.ops import dss_as_s4d, dss_init, dss_kernel
 
 GSS_KERNELS = ("dss", "s4d", "unstructured", "explicit")
@@ -60,7 +60,7 @@ class DSSKernel(nn.Module):
         self.log_lambda_re = nn.Parameter(torch.empty(state_size))
         self.lambda_im = nn.Parameter(torch.empty(state_size))
         self.w = nn.Parameter(torch.empty(channels, state_size, 2))
-        _tag_ssm(self, "log_dt", "log_lambda_re", "lambda_im", "w")
+        tag_ssm(self, "log_dt", "log_lambda_re", "lambda_im", "w")
         self.init_parameters()
 
     @torch.no_grad()

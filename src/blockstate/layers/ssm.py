@@ -21,6 +21,7 @@ import transformers.initialization as init
 from torch import nn
 
 from blockstate.layers.cache import cached_on, grow, no_grad_step, step_constant
+from blockstate.layers.common import tag_ssm
 from blockstate.ops import (
     decay_rates,
     exponential_decay,
@@ -42,22 +43,6 @@ from blockstate.ops import (
 from blockstate.ops.fftconv import channel_group
 
 
-def _tag_ssm(module: nn.Module, *names: str) -> None:
-    """Mark ``module``'s parameters ``names`` (dotted, below it) as SSM parameters: a lower learning rate and no
-    weight decay (``training.optim``). The names live on the module, so the mark survives ``from_pretrained`` (which
-    replaces every parameter), ``copy.deepcopy`` and FSDP; ``p._ssm`` on the parameter itself is kept for readers
-    of a freshly built model."""
-    module._ssm_parameters = (*getattr(module, "_ssm_parameters", ()), *names)
-    for name in names:
-        module.get_parameter(name)._ssm = True
-
-
-def ssm_parameter_names(model: nn.Module) -> set[str]:
-    """The names, as ``model.named_parameters()`` gives them, of every parameter marked by ``_tag_ssm``."""
-    return {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
-            for name in getattr(module, "_ssm_parameters", ())}
-
-
 class S4DKernel(nn.Module):
     """Diagonal S4 kernels for ``channels * filters`` independent SSMs of ``state_size`` states each."""
 
@@ -72,7 +57,7 @@ class S4DKernel(nn.Module):
         self.log_a_real = nn.Parameter(torch.empty(h, m))
         self.a_imag = nn.Parameter(torch.empty(h, m))
         self.c = nn.Parameter(torch.empty(h, m, 2))
-        _tag_ssm(self, "log_dt", "log_a_real", "a_imag", "c")
+        tag_ssm(self, "log_dt", "log_a_real", "a_imag", "c")
         self.init_parameters()
 
     @torch.no_grad()
@@ -122,7 +107,7 @@ class ImplicitKernel(nn.Module):
             # torch's default Linear init (uniform, bound 1/sqrt(fan_in)), which a standalone kernel already has;
             # inside a PreTrainedModel ``_init_weights`` reads the flag and applies the same (its one copy)
             layer._init_fan_in_uniform = True
-        _tag_ssm(self, *(f"mlp.{name}" for name, _ in self.mlp.named_parameters()))
+        tag_ssm(self, *(f"mlp.{name}" for name, _ in self.mlp.named_parameters()))
 
     def forward(self, length: int) -> torch.Tensor:
         device = self.mlp[0].weight.device
@@ -149,7 +134,7 @@ class ExplicitKernel(nn.Module):
         self.channels, self.filters, self.max_train_length = channels, filters, max_train_length
         self.squash, self.smooth_width = squash, smooth_width
         self.weight = nn.Parameter(torch.empty(channels * filters, max_train_length))
-        _tag_ssm(self, "weight")
+        tag_ssm(self, "weight")
         self.init_parameters()
 
     @torch.no_grad()
@@ -208,7 +193,7 @@ class LongConvSSM(nn.Module):
         self.channels, self.filters = channels, filters
         self.kernel = kernel
         self.skip = nn.Parameter(torch.empty(channels, filters))
-        _tag_ssm(self, "skip")
+        tag_ssm(self, "skip")
         self.init_parameters()
 
     @torch.no_grad()
