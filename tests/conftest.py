@@ -19,3 +19,11 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked slow (``-m slow``: inductor per model, whole training runs) get an hour, not the 900 s the
+    default run gives each test (pyproject's ``timeout``)."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(3600))
