@@ -14,6 +14,22 @@ import torch.nn.functional as F
 from blockstate.layers.cache import LayerCache, cached_on, gather_positions, grow, no_grad_step, step_constant
 from blockstate.layers.common import apply_rope, rope_cos_sin
 
+_phase_memo: tuple = (None, -1, 0, None)
+
+
+def phase_of(position: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``position % block_size``, computed once per decoding step: every layer of a step gets the same position
+    tensor (and a static decoder bumps it in place, hence its version in the key)."""
+    global _phase_memo
+    if torch.compiler.is_compiling():
+        return position % block_size
+    memo = _phase_memo
+    if memo[0] is position and memo[1] == position._version and memo[2] == block_size:
+        return memo[3]
+    phase = position % block_size
+    _phase_memo = (position, position._version, block_size, phase)
+    return phase
+
 
 class BlockAttentionStep:
     """``fill_cache`` / ``step`` of :class:`blockstate.layers.attention.BlockAttention` (see there)."""
@@ -168,9 +184,9 @@ class BlockAttentionStep:
 
     def _step_tables(self, cap: int, device) -> dict:
         """Per capacity: RoPE (cap, 2, G, 1, d) = cos and sign-folded sin per slot and projection group, the
-        additive causal mask (cap, 1, 1, cap) for capacities up to 1024 (else built per step from the slots)."""
+        additive causal mask (cap, 1, cap) for capacities up to 1024 (else built per step from the slots)."""
         tables = self.__dict__.setdefault("_step_tables_cache", {})
-        key = (cap, str(device))
+        key = (cap, device)
         if key not in tables:
             d, half = self.head_dim, self.head_dim // 2
             rotated = [True, False, True, False] if self.context == "aligned" else [True, True, False]
@@ -182,7 +198,7 @@ class BlockAttentionStep:
             mask = None
             if cap <= 1024:
                 mask = torch.zeros(cap, cap, device=device).masked_fill_(
-                    torch.ones(cap, cap, dtype=torch.bool, device=device).triu_(1), float("-inf")).view(cap, 1, 1, cap)
+                    torch.ones(cap, cap, dtype=torch.bool, device=device).triu_(1), float("-inf")).view(cap, 1, cap)
             tables.clear()  # one capacity at a time (a full-attention cache doubles its capacity)
             tables[key] = {"rope": rope, "mask": mask, "slots": slots, "rows": {}}
         return tables[key]
@@ -224,7 +240,12 @@ class BlockAttentionStep:
         cache.keys, cache.values = views[:2]
         if aligned:
             cache.context_keys, cache.context_values = views[2:]
-        cache.step_kv = (kv, views, (kv[0], kv[1], kv.permute(1, 3, 0, 2, 4)))
+        # what the step reads: keys and values (B, heads, cap, d), the (B, cap, 2, heads, d) view it writes, and
+        # keys transposed and values as the batched products take them, (B*heads, d, cap) and (B*heads, cap, d)
+        n = bsz * heads
+        cache.step_kv = (kv, views, (kv[0], kv[1], kv.permute(1, 3, 0, 2, 4),
+                                     kv[0].view(n, capacity, self.head_dim).transpose(1, 2),
+                                     kv[1].view(n, capacity, self.head_dim)))
         return kv
 
     def _fused_step(self, h: torch.Tensor, cache: LayerCache, position: torch.Tensor,
@@ -233,17 +254,19 @@ class BlockAttentionStep:
         aligned = self.context == "aligned"
         fused, kv_weight = self._step_weights()
         cap = self.step_buffer(cache, h, position).shape[3]
-        keys, values, slot_major = cache.step_kv[2]
+        keys, values, slot_major, keys_t, values_n = cache.step_kv[2]
         tables = self._step_tables(cap, h.device)
         rows = tables["rows"].get(bsz)
         if rows is None:
             rows = tables["rows"][bsz] = torch.arange(bsz, device=h.device)
-        phase = position % self.block_size
+        phase = phase_of(position, self.block_size)
         proj = torch.mm(h, fused).view(bsz, -1, heads, d)  # (B, G, H, d): q, [q_cross,] k, v
+        fp32 = h.dtype is torch.float32
         if self.rope:
             cos, sin = tables["rope"].index_select(0, phase).unbind(1)  # (B, G, 1, d) each
-            x = proj.float()
-            proj = torch.addcmul(x * cos, x.roll(d // 2, -1), sin).to(h.dtype)
+            x = proj if fp32 else proj.float()
+            proj = torch.addcmul(x * cos, x.roll(d // 2, -1), sin)
+            proj = proj if fp32 else proj.to(h.dtype)
         groups = 2 if aligned else 1  # query groups, then [k, v]
         q, new = proj.split([groups, 2], 1)  # new (B, 2, H, d): keys (rotated to their slot) and values
         if aligned:
@@ -253,20 +276,22 @@ class BlockAttentionStep:
                 ckv = ckv.transpose(1, 2)
             else:
                 ckv = torch.mm(ctx, kv_weight).view(bsz, 2, heads, d)
-            new = torch.cat([new, ckv.to(new.dtype)], dim=2)
+            new = torch.cat([new, ckv if ckv.dtype is new.dtype else ckv.to(new.dtype)], dim=2)
         slot_major.index_put_((rows, phase), new)  # (B, cap, 2, heads, d) view of the buffer: written in place
         if tables["mask"] is not None:
-            mask = tables["mask"].index_select(0, phase)  # (B, 1, 1, cap)
+            mask = tables["mask"].index_select(0, phase)  # (B, 1, cap)
         else:
             mask = torch.zeros((), device=h.device).masked_fill(tables["slots"] > phase[:, None], float("-inf"))
-            mask = mask.view(bsz, 1, 1, cap)
-        q = q.reshape(bsz, groups * heads, 1, d)
-        if q.dtype is torch.float32 and not torch.is_autocast_enabled(q.device.type):
-            # one query: scores, softmax, sum as three batched products (SDPA's kernel costs more at this size)
-            n = bsz * groups * heads
-            mask = mask.expand(bsz, groups * heads, 1, cap).reshape(n, 1, cap) if bsz > 1 else mask.view(1, 1, cap)
-            scores = torch.baddbmm(mask, q.reshape(n, 1, d), keys.reshape(n, cap, d).transpose(1, 2), alpha=d**-0.5)
-            out = torch.bmm(torch.softmax(scores, -1), values.reshape(n, cap, d))
+            mask = mask.view(bsz, 1, cap)
+        n = bsz * groups * heads
+        if fp32 and not torch.is_autocast_enabled(h.device.type):
+            # one query: scores, softmax, sum as three batched products (SDPA's kernel costs more at this size),
+            # on views of the buffer made once (``step_buffer``)
+            if bsz > 1:
+                mask = mask.repeat_interleave(groups * heads, 0)
+            scores = torch.baddbmm(mask, q.reshape(n, 1, d), keys_t, alpha=d**-0.5)
+            out = torch.bmm(torch.softmax(scores, -1), values_n)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.to(q.dtype))
-        return F.linear(out.reshape(bsz, groups * heads * d), self.out.weight)
+            out = F.scaled_dot_product_attention(q.reshape(bsz, groups * heads, 1, d), keys, values,
+                                                 attn_mask=mask.view(bsz, 1, 1, cap).to(q.dtype))
+        return F.linear(out.view(bsz, groups * heads * d), self.out.weight)

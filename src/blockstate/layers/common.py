@@ -24,11 +24,18 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` for a decoding step: fp32 through the one fused call (the same arithmetic), else forward."""
-        if (x.dtype is torch.float32 and self.weight.dtype is torch.float32 and not self._forward_hooks
-                and not torch.is_autocast_enabled(x.device.type)):
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return self(x)
+        """``forward`` for a decoding step, in fp32 as four ops: one norm, then x * w * rsqrt(|x|^2 / D + eps).
+
+        On CPU ``F.rms_norm`` is a composite of six ops and a step is dispatch-bound: at D = 256 on AMD EPYC the
+        four ops take 25 us against its 39 us, and a tiny model runs eleven norms per token."""
+        if (x.dtype is not torch.float32 or self.weight.dtype is not torch.float32 or self._forward_hooks
+                or torch.is_autocast_enabled(x.device.type)):
+            return self(x)
+        eps = self.__dict__.get("_eps_tensor")
+        if eps is None or eps.device != x.device:
+            eps = self.__dict__["_eps_tensor"] = torch.tensor(self.eps, device=x.device)  # not in the state dict
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return torch.addcmul(eps, norm, norm, value=1 / x.shape[-1]).rsqrt_().mul(x).mul_(self.weight)
 
 
 class FeedForward(nn.Module):

@@ -306,7 +306,7 @@ class LongConvSSM(nn.Module):
             state = torch.zeros(bsz, self.channels * self.filters, abar.shape[-1], dtype=abar.dtype,
                                 device=u.device) if state is None else state.contiguous()
         # x' = Abar x + Bbar u in place, (B, D, C, m): channel d feeds its C filters by broadcasting
-        x = s4d_update_(state.view(bsz, self.channels, self.filters, -1), abar, bbar, u[..., None, None])
+        x = s4d_update_(state.view(bsz, self.channels, self.filters, -1), abar, bbar, u.reshape(bsz, -1, 1, 1))
         cache.ssm_state = state
         # y = 2 Re(sum_m C x) + skip u as real products over (m, re/im), with 2 and the sign folded in c
         y = (torch.view_as_real(x) * c).sum((-2, -1))

@@ -195,7 +195,11 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError("input_ids is empty (batch size 0): pass at least one row")
     if not reads_values(input_ids):
         return
-    lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    if input_ids.numel() <= 64:  # a decoding step: one read of the values, not a reduction and two reads
+        values = input_ids.reshape(-1).tolist()
+        lo, hi = min(values), max(values)
+    else:
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"input_ids must lie in [0, {vocab_size - 1}] (vocab_size={vocab_size}), got values in "
                          f"[{lo}, {hi}]; the tokenizer and the model's vocab_size disagree")
@@ -252,8 +256,12 @@ class BlockStateForCausalLM(LMHeadAccessors, BlockStatePreTrainedModel, Generati
                 logits = steps[0].unsqueeze(1) if len(steps) == 1 else torch.stack(steps, 1)
             else:
                 steps = [self.model.step(input_ids[:, t], cache) for t in range(input_ids.shape[1])]
-                hidden = steps[0].unsqueeze(1) if len(steps) == 1 else torch.stack(steps, 1)
-                logits = self.lm_head(hidden).float()
+                head = self.lm_head
+                if len(steps) == 1 and type(head) is nn.Linear and not head._forward_hooks:
+                    logits = F.linear(steps[0], head.weight, head.bias).unsqueeze(1)  # (B, D): one product
+                else:
+                    logits = head(steps[0].unsqueeze(1) if len(steps) == 1 else torch.stack(steps, 1))
+                logits = logits if logits.dtype is torch.float32 else logits.float()
             loss = None if labels is None else causal_lm_loss(logits, labels)
             return BlockStateCausalLMOutput(loss=loss, logits=logits, cache=cache)
 

@@ -199,7 +199,7 @@ def s4d_update_(state: torch.Tensor, abar: torch.Tensor, bbar: torch.Tensor, u: 
     complex and u real, broadcastable to it. Under ``torch.compile`` the same on (re, im) pairs: inductor emits no
     code for complex ops, so they would run one by one outside its fused loops."""
     if not torch.compiler.is_compiling():
-        return state.mul_(abar).add_(bbar * u)
+        return state.mul_(abar).addcmul_(bbar, u)
     xr, ar, br = torch.view_as_real(state), torch.view_as_real(abar), torch.view_as_real(bbar)
     re = ar[..., 0] * xr[..., 0] - ar[..., 1] * xr[..., 1] + br[..., 0] * u
     im = ar[..., 0] * xr[..., 1] + ar[..., 1] * xr[..., 0] + br[..., 1] * u
