@@ -268,7 +268,7 @@ class BlockAttentionStep:
             proj = torch.addcmul(x * cos, x.roll(d // 2, -1), sin)
             proj = proj if fp32 else proj.to(h.dtype)
         groups = 2 if aligned else 1  # query groups, then [k, v]
-        q, new = proj.split([groups, 2], 1)  # new (B, 2, H, d): keys (rotated to their slot) and values
+        q, new = proj.split_with_sizes([groups, 2], 1)  # new (B, 2, H, d): keys (rotated to their slot), values
         if aligned:
             ctx = self.context_norm.step(context)  # (B, D) or (B, H, D)
             if self.context_per_head:
