@@ -60,20 +60,20 @@ def test_compare_writes_table_json_png_and_a_rerun_skips_finished_models(corpus,
 
 
 def test_an_interrupted_compare_resumes_from_the_checkpoint(corpus, tmp_path, capsys, monkeypatch):
-    import blockstate.training.trainer as trainer
+    import blockstate.training.steps as steps
 
-    real = trainer.lr_factor
+    real = steps.lr_factor
 
     def interrupt_at_step_5(step, *args, **kwargs):
         if step == 5:
             os.kill(os.getpid(), signal.SIGINT)  # the trainer checkpoints after this step and stops
         return real(step, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "lr_factor", interrupt_at_step_5)
+    monkeypatch.setattr(steps, "lr_factor", interrupt_at_step_5)
     assert main(argv(corpus, tmp_path, "--models", "bst-sh-s4")) == 130
     assert "rerun the same command" in capsys.readouterr().out
     assert not (tmp_path / "out" / "compare.json").exists()
-    monkeypatch.setattr(trainer, "lr_factor", real)
+    monkeypatch.setattr(steps, "lr_factor", real)
     assert main(argv(corpus, tmp_path, "--models", "bst-sh-s4")) == 0
     assert "resuming" in capsys.readouterr().out
     payload = json.loads((tmp_path / "out" / "compare.json").read_text())

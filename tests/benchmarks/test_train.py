@@ -83,15 +83,15 @@ def test_bad_flags_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
 
 
 def test_the_bench_times_the_trainers_own_step(monkeypatch):
-    import blockstate.training.trainer as trainer
+    import blockstate.training.steps as steps
 
-    real, calls = trainer.train_step, []
+    real, calls = steps.train_step, []
 
     def spy(parts, state, batches):
         calls.append(len(batches))
         return real(parts, state, batches)
 
-    monkeypatch.setattr(trainer, "train_step", spy)
+    monkeypatch.setattr(steps, "train_step", spy)
     c = train_contestants.build("bst-sh-s4", "tiny", 64)
     train_contestants.make_step(c, train_contestants.make_batch(257, 1, 64), torch.device("cpu"), "fp32")()
     assert calls == [1] and c.state.step == 1 and c.state.tokens == 63

@@ -163,10 +163,10 @@ def env(tmp_path_factory):
 
 
 def test_train_lane_span_resets_carry_on_jumps_and_resumes_exactly(env, tmp_path, monkeypatch):
-    import blockstate.training.trainer as trainer_mod
+    import blockstate.training.steps as steps_mod
     from blockstate.training.metrics import read_metrics
 
-    real, resets, stop_at = trainer_mod.step_nll, [], [0]
+    real, resets, stop_at = steps_mod.step_nll, [], [0]
 
     def spy(model, batch, device, autocast, carry=None, stateful=False):
         resets.append(batch["reset"].tolist())
@@ -174,7 +174,7 @@ def test_train_lane_span_resets_carry_on_jumps_and_resumes_exactly(env, tmp_path
             os.kill(os.getpid(), signal.SIGINT)  # the trainer checkpoints after this step and stops
         return real(model, batch, device, autocast, carry, stateful)
 
-    monkeypatch.setattr(trainer_mod, "step_nll", spy)
+    monkeypatch.setattr(steps_mod, "step_nll", spy)
     slide = tmp_path / "slide.yaml"  # without BST's S, which slide has not
     slide.write_text((env / "tiny.yaml").read_text().replace(",\n             num_context_states: 4}", "}"))
     base = ["train", "--config", str(slide), "--model", "slide", "--lane-span", "2", "--steps", "6",

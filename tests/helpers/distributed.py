@@ -114,7 +114,7 @@ def skip_worker(rank: int, world: int, parallel: str) -> str | None:
     whose loss is NaN on rank 1 alone (its gradients finite: only the all-reduced flag tells rank 0), which every
     rank must skip bit for bit, then a good step again."""
 
-    import blockstate.training.trainer as trainer_mod
+    import blockstate.training.steps as steps_mod
     from blockstate.runtime.device import autocast_factory
     from blockstate.training import TrainConfig
     from blockstate.training import distributed as D
@@ -129,7 +129,7 @@ def skip_worker(rank: int, world: int, parallel: str) -> str | None:
     cfg = TrainConfig(schedule="constant", warmup_steps=0, precision="fp32")
     opt = build_optimizer(model, groups, cfg)
     parts = StepParts(model, wrapped, opt, cfg, info, autocast_factory("fp32", info.device), False)
-    state, real = TrainState(), trainer_mod.step_nll
+    state, real = TrainState(), steps_mod.step_nll
 
     def local(t):
         return t.to_local() if hasattr(t, "to_local") else t
@@ -147,13 +147,13 @@ def skip_worker(rank: int, world: int, parallel: str) -> str | None:
         nll, carry = real(*args, **kwargs)
         return (nll + float("nan") if rank == 1 else nll), carry  # the gradients stay finite everywhere
 
-    m = trainer_mod.train_step(parts, state, [batch(0)])
+    m = steps_mod.train_step(parts, state, [batch(0)])
     before = snapshot()
-    trainer_mod.step_nll = nan_on_rank_1
-    bad = trainer_mod.train_step(parts, state, [batch(1)])
-    trainer_mod.step_nll = real
+    steps_mod.step_nll = nan_on_rank_1
+    bad = steps_mod.train_step(parts, state, [batch(1)])
+    steps_mod.step_nll = real
     kept = all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
-    good = trainer_mod.train_step(parts, state, [batch(2)])
+    good = steps_mod.train_step(parts, state, [batch(2)])
     resolve([m, bad, good])
     moved = not all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
     if not (skips_on_device(opt) and kept and moved and bad.skipped and not m.skipped and not good.skipped):

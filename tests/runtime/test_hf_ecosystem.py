@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers.training import TINY_MODEL, write_corpus
 
-import blockstate.training.trainer as trainer_mod
+import blockstate.training.steps as steps_mod
 from blockstate.cli.main import build_parser, main, subcommand_paths
 
 
@@ -101,7 +101,7 @@ def test_generate_and_eval_keep_working_on_the_run_directory(run_dir, tmp_path, 
 
 
 def test_sigint_publishes_the_model_at_the_root_too(run_dir, tmp_path, monkeypatch, capsys):
-    real, calls = trainer_mod.step_nll, []
+    real, calls = steps_mod.step_nll, []
 
     def interrupt_at_step_2(*args, **kwargs):
         calls.append(1)
@@ -109,7 +109,7 @@ def test_sigint_publishes_the_model_at_the_root_too(run_dir, tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGINT)  # handled after this step: checkpoint, publish, stop
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "step_nll", interrupt_at_step_2)
+    monkeypatch.setattr(steps_mod, "step_nll", interrupt_at_step_2)
     out = tmp_path / "run"
     assert main(train_args(run_dir.parent, out, "--steps", "5")) == 130
     assert json.loads((out / "published.json").read_text())["step"] == 2

@@ -25,7 +25,7 @@ from helpers.training import TINY_YAML as BASE_YAML
 from helpers.training import InfGrad, write_corpus
 from safetensors.torch import load_file
 
-import blockstate.training.trainer as trainer_mod
+import blockstate.training.steps as steps_mod
 from blockstate.cli.main import main
 from blockstate.data import BytesTokenizer
 from blockstate.registry import create_model as build_model
@@ -81,7 +81,7 @@ def train_losses(run: Path) -> dict[int, float]:
 def inject(monkeypatch, bad_steps, kind: str = "loss", poison_carry: bool = False) -> list:
     """Make the loss NaN (or its gradient inf) on the given steps (grad_accum 1: call i = step i); returns the
     weights seen at each call (= after the previous step) and the carry each call received."""
-    real = trainer_mod.step_nll
+    real = steps_mod.step_nll
     seen = []
 
     def fake(model, batch, device, autocast, carry=None, stateful=False):
@@ -93,7 +93,7 @@ def inject(monkeypatch, bad_steps, kind: str = "loss", poison_carry: bool = Fals
                 new_carry = type(new_carry)(*[tuple(t * NAN for t in field) for field in new_carry])
         return nll, new_carry
 
-    monkeypatch.setattr(trainer_mod, "step_nll", fake)
+    monkeypatch.setattr(steps_mod, "step_nll", fake)
     return seen
 
 
@@ -161,7 +161,7 @@ def test_gradients_are_clipped():
 
 # -- signals ------------------------------------------------------------------------------------------------
 def test_sigint_saves_the_step_and_resume_reproduces_the_run(env, reference, tmp_path, monkeypatch, capsys):
-    real, calls = trainer_mod.step_nll, []
+    real, calls = steps_mod.step_nll, []
 
     def interrupt_at_step_3(*args, **kwargs):
         calls.append(1)
@@ -169,7 +169,7 @@ def test_sigint_saves_the_step_and_resume_reproduces_the_run(env, reference, tmp
             os.kill(os.getpid(), signal.SIGINT)  # handled after this step: checkpoint, then stop
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "step_nll", interrupt_at_step_3)
+    monkeypatch.setattr(steps_mod, "step_nll", interrupt_at_step_3)
     run = tmp_path / "run"
     assert main(base(env, run, "--steps", "6", "--save-every", "2")) == 130
     out = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The trainer's own step (``trainer.train_step``) and loop without host-device syncs (issue 16), and the skipped
+"""The trainer's own step (``steps.train_step``) and loop without host-device syncs (issue 16), and the skipped
 steps still exact: a non-finite step leaves weights and optimiser state bit-identical, and the loop, which reads
 the steps' values only at log / validation / checkpoint steps and at the end, reports each with its own number.
 
@@ -18,7 +18,7 @@ from helpers.distributed import run_ranks, skip_worker
 from helpers.syncs import DEVICE, counting
 from helpers.training import TINY_YAML, InfGrad, write_corpus
 
-import blockstate.training.trainer as trainer_mod
+import blockstate.training.steps as steps_mod
 from blockstate.benchmarks.train_contestants import make_batch
 from blockstate.cli.main import main
 from blockstate.registry import carries_state, create_model, list_models
@@ -29,8 +29,7 @@ from blockstate.training.config import load_config_file, merge
 from blockstate.training.metrics import read_metrics
 from blockstate.training.optim import build_optimizer, group_of_parameters
 from blockstate.training.state import TrainState
-from blockstate.training.steps import StepParts, resolve, skips_on_device
-from blockstate.training.trainer import train_step
+from blockstate.training.steps import StepParts, resolve, skips_on_device, train_step
 
 LENGTH = 64
 NAN = float("nan")
@@ -96,13 +95,13 @@ def test_an_adafactor_train_step_reads_its_skip_flag_once(monkeypatch):
 
 # -- a non-finite step is skipped bit for bit ---------------------------------------------------------------------
 def poison(monkeypatch, kind: str) -> None:
-    real = trainer_mod.step_nll
+    real = steps_mod.step_nll
 
     def fake(*args, **kwargs):
         nll, carry = real(*args, **kwargs)
         return (nll * NAN if kind == "loss" else InfGrad.apply(nll)), carry
 
-    monkeypatch.setattr(trainer_mod, "step_nll", fake)
+    monkeypatch.setattr(steps_mod, "step_nll", fake)
 
 
 def snapshot(parts: StepParts) -> dict[str, torch.Tensor]:
@@ -180,14 +179,14 @@ def test_the_loop_reads_the_device_once_per_log_step(env, tmp_path, monkeypatch)
 
 def inject(monkeypatch, bad_steps) -> list:
     """The loss NaN on the given steps (grad_accum 1: call i = step i); returns the weights seen at each call."""
-    real, seen = trainer_mod.step_nll, []
+    real, seen = steps_mod.step_nll, []
 
     def fake(model, batch, device, autocast, carry=None, stateful=False):
         seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
         nll, new_carry = real(model, batch, device, autocast, carry, stateful)
         return (nll * NAN if len(seen) in bad_steps else nll), new_carry
 
-    monkeypatch.setattr(trainer_mod, "step_nll", fake)
+    monkeypatch.setattr(steps_mod, "step_nll", fake)
     return seen
 
 

@@ -137,11 +137,18 @@ def goals(payload: dict[str, Any]) -> list[str]:
         if rival in payload["results"]:
             v = speedups(rival)
             check(f"BST:SH forward vs {rival} from 4k up, x faster (goal > 1)", v, all(x > 1 for x in v))
+    # issue 16 item 4: BST:SH close to block-local, MH close to SH, growth per doubling near linear
+    for name, base, limit in ((REFERENCE, "block", 1.3), ("bst-mh-s4", REFERENCE, 2.0)):
+        v = [_fwd(payload, name, n) / _fwd(payload, base, n) for n in lengths
+             if _fwd(payload, name, n) and _fwd(payload, base, n)]
+        check(f"{name} forward / {base} from 4k up (goal <= {limit})", v, all(x <= limit for x in v))
     for name in payload["results"]:
+        growth = [_fwd(payload, name, n) / _fwd(payload, name, n // 2) for n in lengths
+                  if _fwd(payload, name, n) and _fwd(payload, name, n // 2)]
         if name.startswith("bst-"):
-            growth = [_fwd(payload, name, n) / _fwd(payload, name, n // 2) for n in lengths
-                      if _fwd(payload, name, n) and _fwd(payload, name, n // 2)]
-            check(f"{name} t(L)/t(L/2) from 4k up (goal <= 2.3)", growth, all(g <= 2.3 for g in growth))
+            check(f"{name} t(L)/t(L/2) from 4k up (goal <= 2.1)", growth, all(g <= 2.1 for g in growth))
+        elif name == "block" and growth:  # the machine's own growth for a linear-cost layer, for comparison
+            lines.append(f"[ref] block t(L)/t(L/2) from 4k up (no goal): {', '.join(f'{g:.2f}' for g in growth)}")
     mem = payload["results"].get(REFERENCE, {}).get("memory", {})
     per_token = [mem[n] / n / 1024 for n in sorted(mem) if n >= 4096 and mem[n]]
     check("BST:SH peak memory per token from 4k up, KiB (goal: flat, i.e. linear in L)", per_token,

@@ -67,8 +67,7 @@ def make_step(c: Contestant, batch: dict[str, torch.Tensor], device: torch.devic
     from blockstate.runtime.device import autocast_factory
     from blockstate.training import TrainConfig
     from blockstate.training.distributed import DistInfo
-    from blockstate.training.steps import StepParts
-    from blockstate.training.trainer import train_step
+    from blockstate.training.steps import StepParts, train_step
 
     cfg = TrainConfig(schedule="constant", warmup_steps=0, grad_clip=grad_clip, precision=precision)
     parts = StepParts(c.model, c.model, c.optimizer, cfg, DistInfo(device=device), autocast_factory(precision, device),

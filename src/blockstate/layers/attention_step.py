@@ -260,10 +260,17 @@ class BlockAttentionStep:
         if rows is None:
             rows = tables["rows"][bsz] = torch.arange(bsz, device=h.device)
         phase = phase_of(position, self.block_size)
+        # one stream on the host: its slot as a Python int (the mirror, no read), so the table lookups and the
+        # write are views and a copy (index_select / index_put_ with an index tensor took 20-30 us each in a
+        # step on AMD EPYC); batches and accelerators keep the index tensors, which a CUDA graph can capture
+        slot = None
+        if bsz == 1 and h.device.type == "cpu" and not torch.compiler.is_compiling():
+            slot = int(cache.positions_on_host(position)) % self.block_size
         proj = torch.mm(h, fused).view(bsz, -1, heads, d)  # (B, G, H, d): q, [q_cross,] k, v
         fp32 = h.dtype is torch.float32
         if self.rope:
-            cos, sin = tables["rope"].index_select(0, phase).unbind(1)  # (B, G, 1, d) each
+            rope = tables["rope"]  # (cap, 2, G, 1, d)
+            cos, sin = rope.index_select(0, phase).unbind(1) if slot is None else rope[slot].unbind(0)
             x = proj if fp32 else proj.float()
             proj = torch.addcmul(x * cos, x.roll(d // 2, -1), sin)
             proj = proj if fp32 else proj.to(h.dtype)
@@ -277,9 +284,13 @@ class BlockAttentionStep:
             else:
                 ckv = torch.mm(ctx, kv_weight).view(bsz, 2, heads, d)
             new = torch.cat([new, ckv if ckv.dtype is new.dtype else ckv.to(new.dtype)], dim=2)
-        slot_major.index_put_((rows, phase), new)  # (B, cap, 2, heads, d) view of the buffer: written in place
+        # (B, cap, 2, heads, d) view of the buffer: written in place
+        if slot is None:
+            slot_major.index_put_((rows, phase), new)
+        else:
+            slot_major[:, slot].copy_(new)
         if tables["mask"] is not None:
-            mask = tables["mask"].index_select(0, phase)  # (B, 1, cap)
+            mask = tables["mask"].index_select(0, phase) if slot is None else tables["mask"][slot]  # (B or 1, 1, cap)
         else:
             mask = torch.zeros((), device=h.device).masked_fill(tables["slots"] > phase[:, None], float("-inf"))
             mask = mask.view(bsz, 1, cap)

@@ -130,6 +130,17 @@ def build_model(cfg: TrainConfig, corpus: Any, tokenizer: Any, train_data: Any) 
     return model, seq_len
 
 
+def check_segment_order(cfg: TrainConfig, stateful: bool) -> None:
+    """``--lane-span`` only for a model that carries state across segments, ``--packing`` only for one that
+    does not (it reads documents in order, in contiguous lanes with reset flags)."""
+    if cfg.lane_span and not stateful:
+        raise ValueError(f"--lane-span applies to models that carry state across segments (slide, transformer-xl, "
+                         f"brect); {cfg.model} reads shuffled segments: drop --lane-span")
+    if stateful and cfg.packing:
+        raise ValueError(f"{cfg.model} carries state across segments and trains on documents in order "
+                         "(contiguous lanes with reset flags): drop --packing")
+
+
 def block_label(config: Any) -> str:
     """W as the log prints it: gpt's one block as long as any input (FULL_ATTENTION) reads ``full``."""
     from blockstate.models.configuration_baselines import FULL_ATTENTION

@@ -1,6 +1,6 @@
-"""Pieces of one training step (``trainer.train_step``): what it works on and returns, the summed loss of a batch,
-clipping, the finiteness check, the update or its skip, reading the steps' values on the host, the carry check,
-the stop signals.
+"""One training step, ``train_step`` (the loop's, and what ``bench train`` times), and its pieces: what it works on
+and returns, the summed loss of a batch, clipping, the finiteness check, the update or its skip, reading the
+steps' values on the host, the carry check, the stop signals.
 
 No piece reads a device value on the host (issue 16): the loss, the gradient norm and the skip flag stay device
 tensors until :func:`resolve` reads those of several steps at once. Kept apart from the loop (``trainer.py``);
@@ -27,6 +27,7 @@ from blockstate.data import IGNORE_INDEX
 from blockstate.models.modeling_blockstate import check_input_ids
 from blockstate.training import distributed as D
 from blockstate.training.config import TrainConfig
+from blockstate.training.optim import lr_factor, set_lr
 
 
 @dataclasses.dataclass
@@ -219,3 +220,33 @@ def diverged(step: int, in_a_row: int, now: int, lr: float, last: Path | None) -
 def carry_is_finite(carry: Any) -> bool:
     """Whether a stateful model's carried state is finite (a NaN step must not poison the next segments)."""
     return all(bool(torch.isfinite(t).all()) for field in carry for t in field)
+
+
+# -- one optimiser step ------------------------------------------------------------------------------------------
+def train_step(parts: StepParts, state: Any, batches: list[dict[str, torch.Tensor]]) -> StepMetrics:
+    """One optimiser step over ``batches`` (this rank's micro-batches, on the host): learning rate, forward and
+    backward of each, the carry handed on, then ``steps.clip_and_update`` (skipped if not finite on any rank).
+
+    No host sync with fused AdamW on one process (the values stay on the device until the loop reads them); one for
+    a stateful model (a bad step's carry is dropped on the host) or Adafactor; ranks all-reduce the count on it."""
+    cfg, info, optimizer = parts.cfg, parts.info, parts.optimizer
+    progress = None
+    if state.total_steps is None and parts.budget_s:  # time-driven cosine
+        start = state.warmup_end_seconds if state.warmup_end_seconds is not None else state.train_seconds
+        progress = (state.train_seconds - start) / max(1e-9, parts.budget_s - start)
+    lr = set_lr(optimizer, lr_factor(state.step, cfg, state.total_steps, progress))
+    local_count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    count = D.all_reduce([local_count], info)[0]
+    scale = info.world_size / max(1.0, count)  # DDP / FSDP average gradients over ranks
+    nll_sum = torch.zeros((), device=info.device)
+    for i, batch in enumerate(batches):
+        with D.no_sync(parts.wrapped, info, last=i == len(batches) - 1):
+            nll, state.carry = step_nll(parts.wrapped, batch, info.device, parts.autocast, state.carry, parts.stateful)
+            (nll * scale).backward()
+        nll_sum += nll.detach()
+    loss_sum, grad_norm, skipped = clip_and_update(parts, state, nll_sum)
+    state.step += 1
+    state.tokens += int(count)
+    if cfg.warmup_steps and state.step == cfg.warmup_steps and state.warmup_end_seconds is None:
+        state.warmup_end_seconds = state.train_seconds
+    return StepMetrics(loss_sum, count, grad_norm, lr, skipped, state.step)

@@ -16,9 +16,9 @@ optimiser / RNG states are saved exactly: on CPU a resumed run reproduces the un
 With a time budget and no ``--steps`` the cosine follows training *time* instead (progress = time spent /
 budget), which always ends the schedule on time but is not bit-reproducible.
 
-Shape (torchtitan's): ``Trainer.run`` = ``setup`` (``setup.py``) -> ``train`` (``train_step`` per step, then
+Shape (torchtitan's): ``Trainer.run`` = ``setup`` (``setup.py``) -> ``train`` (``steps.train_step`` per step, then
 metrics, validation, checkpoints) -> ``finish``, over a ``TrainState`` (``state.py``) and a
-``CheckpointManager`` (``checkpointing.py``). ``blockstate bench train`` times this very ``train_step``.
+``CheckpointManager`` (``checkpointing.py``). ``blockstate bench train`` times that very ``train_step``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from blockstate.data import IGNORE_INDEX, SegmentLoader
+from blockstate.data import SegmentLoader
 from blockstate.evaluation.evaluate import EvalResult, evaluate, head_documents
 from blockstate.models.modeling_blockstate import enable_gradient_checkpointing
 from blockstate.registry import carries_state
@@ -43,43 +43,13 @@ from blockstate.training import setup
 from blockstate.training.checkpointing import CheckpointManager
 from blockstate.training.config import TrainConfig
 from blockstate.training.metrics import MetricsLogger, Progress, TrainLog, plot_loss_curve, truncate_metrics
-from blockstate.training.optim import build_optimizer, group_of_parameters, lr_factor, set_lr
+from blockstate.training.optim import build_optimizer, group_of_parameters
 from blockstate.training.rundir import check_same_tokenizer, check_writable, publish_model
 from blockstate.training.state import TrainResult, TrainState
-from blockstate.training.steps import StepMetrics, StepParts, StopSignals, clip_and_update, diverged, settle, step_nll
+from blockstate.training.steps import StepMetrics, StepParts, StopSignals, diverged, settle, train_step
 from blockstate.training.steps import TrainingDiverged as TrainingDiverged  # the loop's error, imported from here
 
 logger = logging.getLogger("blockstate.train")
-
-
-# -- one optimiser step ------------------------------------------------------------------------------------------
-def train_step(parts: StepParts, state: TrainState, batches: list[dict[str, torch.Tensor]]) -> StepMetrics:
-    """One optimiser step over ``batches`` (this rank's micro-batches, on the host): learning rate, forward and
-    backward of each, the carry handed on, then ``steps.clip_and_update`` (skipped if not finite on any rank).
-
-    No host sync with fused AdamW on one process (the values stay on the device until the loop reads them); one for
-    a stateful model (a bad step's carry is dropped on the host) or Adafactor; ranks all-reduce the count on it."""
-    cfg, info, optimizer = parts.cfg, parts.info, parts.optimizer
-    progress = None
-    if state.total_steps is None and parts.budget_s:  # time-driven cosine
-        start = state.warmup_end_seconds if state.warmup_end_seconds is not None else state.train_seconds
-        progress = (state.train_seconds - start) / max(1e-9, parts.budget_s - start)
-    lr = set_lr(optimizer, lr_factor(state.step, cfg, state.total_steps, progress))
-    local_count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    count = D.all_reduce([local_count], info)[0]
-    scale = info.world_size / max(1.0, count)  # DDP / FSDP average gradients over ranks
-    nll_sum = torch.zeros((), device=info.device)
-    for i, batch in enumerate(batches):
-        with D.no_sync(parts.wrapped, info, last=i == len(batches) - 1):
-            nll, state.carry = step_nll(parts.wrapped, batch, info.device, parts.autocast, state.carry, parts.stateful)
-            (nll * scale).backward()
-        nll_sum += nll.detach()
-    loss_sum, grad_norm, skipped = clip_and_update(parts, state, nll_sum)
-    state.step += 1
-    state.tokens += int(count)
-    if cfg.warmup_steps and state.step == cfg.warmup_steps and state.warmup_end_seconds is None:
-        state.warmup_end_seconds = state.train_seconds
-    return StepMetrics(loss_sum, count, grad_norm, lr, skipped, state.step)
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
@@ -147,12 +117,7 @@ class Trainer:
             ckpt_io.load_model_weights(model, resume_ckpt)
         self.n_params = sum(p.numel() for p in model.parameters())
         stateful = carries_state(model)
-        if cfg.lane_span and not stateful:  # before open_run: the corrected command must not clash
-            raise ValueError(f"--lane-span applies to models that carry state across segments (slide, transformer-xl, "
-                             f"brect); {cfg.model} reads shuffled segments: drop --lane-span")
-        if stateful and cfg.packing:  # before open_run, like --lane-span
-            raise ValueError(f"{cfg.model} carries state across segments and trains on documents in order "
-                             "(contiguous lanes with reset flags): drop --packing")
+        setup.check_segment_order(cfg, stateful)  # before open_run: the corrected command must not clash
         if main:  # weights + two optimiser moments per kept checkpoint, plus the one being written
             check_writable(self.run_dir, need_bytes=self.n_params * 4 * 3 * (cfg.keep_checkpoints + 1))
         self._new_dirs = []  # from here on the directory is the run's, and kept
