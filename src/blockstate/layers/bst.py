@@ -233,7 +233,7 @@ class BlockTransformerLayer(nn.Module):
         if self.ssm_ffn:
             return x + self.ffn(v, stream)
         if type(self.ffn) is FeedForward:
-            return x + self.ffn.step(v)  # without three module calls and an identity dropout
+            return self.ffn.step(v, residual=x)  # without three module calls and an identity dropout
         return x + self.ffn(v)
 
     def allocate_inference_cache(self) -> LayerCache:

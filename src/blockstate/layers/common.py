@@ -9,6 +9,8 @@ from torch import nn
 
 from blockstate.layers.cache import cached_on, step_constant
 
+SQRT_HALF = 0.5 ** 0.5  # 1 / sqrt(2): GELU(h) = h/2 (1 + erf(h / sqrt(2)))
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (no centring, no bias), computed in fp32 for stability under autocast."""
@@ -51,26 +53,35 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(F.gelu(self.up(x))))
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        """One row per stream, x (B, D), in eval (a decoding step): the same two products and GELU.
+    def step(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """One row per stream, x (B, D), in eval (a decoding step): ``residual + forward(x)``, in fewer ops.
 
         A product of one row reads every weight once, and MKL reads a weight fastest along its longer side (on
         AMD EPYC, 256 -> 1024: 67 against 153 us per matrix once the weights leave the cache), so the up
-        projection is read from a (D, intermediate) copy of its weight, kept until the parameter changes."""
+        projection is read from a (D, intermediate) copy of its weight, kept until the parameter changes. That
+        copy is scaled by 1/sqrt(2): with g = h / sqrt(2), g + g erf(g) = sqrt(2) GELU(h), two plain kernels in
+        place of the GELU (on the Zen 1 EPYC the GELU kernel took 2-6x as long as the erf, cold in a step), and
+        the down projection takes the residual and the other 1/sqrt(2) in one ``addmm``."""
         up_proj, down_proj = self.up, self.down
         if self.training or self._forward_hooks or up_proj._forward_hooks or down_proj._forward_hooks:
-            return self(x)
+            out = self(x)
+            return out if residual is None else residual + out
         up = self.step_up_weight()
-        hidden = torch.mm(x, up) if up is not up_proj.weight else F.linear(x, up)
-        return F.linear(F.gelu(hidden), down_proj.weight)
+        g = torch.mm(x, up) if up_proj.weight.shape[0] > up_proj.weight.shape[1] else F.linear(x, up)
+        hidden = torch.addcmul(g, g, torch.erf(g))
+        if residual is None or residual.dtype != hidden.dtype or torch.is_autocast_enabled(x.device.type):
+            out = F.linear(hidden, down_proj.weight).mul_(SQRT_HALF)  # under autocast the residual keeps its dtype
+            return out if residual is None else residual + out
+        return torch.addmm(residual, hidden, down_proj.weight.t(), alpha=SQRT_HALF)
 
     @step_constant
     def step_up_weight(self) -> torch.Tensor:
-        """The up projection as ``step`` reads it: a (D, intermediate) copy where that side is the longer."""
+        """The up projection as ``step`` reads it, times 1/sqrt(2): (D, intermediate) where that side is the
+        longer (for ``mm``), else (intermediate, D) (for ``linear``)."""
         up = self.up.weight
         if up.shape[0] <= up.shape[1]:
-            return up
-        return cached_on(self, "up_t", [up], lambda: up.detach().t().contiguous())
+            return cached_on(self, "up_scaled", [up], lambda: up.detach() * SQRT_HALF)
+        return cached_on(self, "up_t", [up], lambda: (up.detach().t() * SQRT_HALF).contiguous())
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, ...]:
