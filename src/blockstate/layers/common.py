@@ -60,7 +60,7 @@ class FeedForward(nn.Module):
         AMD EPYC, 256 -> 1024: 67 against 153 us per matrix once the weights leave the cache), so the up
         projection is read from a (D, intermediate) copy of its weight, kept until the parameter changes. That
         copy is scaled by 1/sqrt(2): with g = h / sqrt(2), g + g erf(g) = sqrt(2) GELU(h), two plain kernels in
-        place of the GELU (on the Zen 1 EPYC the GELU kernel took 2-6x as long as the erf, cold in a step), and
+        place of the GELU (in a profile of a tiny model's step on a Zen 1 EPYC: 84 us per GELU, 16 per erf), and
         the down projection takes the residual and the other 1/sqrt(2) in one ``addmm``."""
         up_proj, down_proj = self.up, self.down
         if self.training or self._forward_hooks or up_proj._forward_hooks or down_proj._forward_hooks:
